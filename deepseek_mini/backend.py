@@ -1,0 +1,94 @@
+"""The one place that decides how ops run.
+
+Rule: CUDA tensors -> fused Triton kernels; CPU tensors -> the pure-PyTorch reference.
+Two environment variables change it, both read once at import:
+
+    DEEPSEEK_MINI_BACKEND=auto       (default) the rule above
+    DEEPSEEK_MINI_BACKEND=torch      always the PyTorch reference, even on CUDA
+    DEEPSEEK_MINI_BACKEND=triton     always Triton; on CPU tensors this means the Triton
+                                     interpreter, so TRITON_INTERPRET=1 is set for you
+
+The interpreter must be switched on before any @triton.jit runs, which is why this module
+sets TRITON_INTERPRET itself and why `deepseek_mini.kernels` imports it first.
+"""
+
+import os
+
+_CHOICES = ("auto", "torch", "triton")
+
+BACKEND = os.environ.get("DEEPSEEK_MINI_BACKEND", "auto").strip().lower()
+if BACKEND not in _CHOICES:
+    raise ValueError(
+        f"DEEPSEEK_MINI_BACKEND={BACKEND!r} is not one of {_CHOICES}; unset it to use 'auto'"
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if BACKEND == "triton" and not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """True when triton imports (it is not installed on macOS/Windows or non-x86 Linux)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(*tensors) -> bool:
+    """Should an op on these tensors run its Triton kernel?"""
+    if BACKEND == "torch" or not triton_available():
+        return False
+    if BACKEND == "triton":
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+def device():
+    """The device a notebook should put its model on: CUDA if present, else CPU."""
+    import torch
+
+    return torch.device("cuda" if _cuda_available() else "cpu")
+
+
+class forced:
+    """Context manager that overrides the backend choice, e.g. tests running the Triton path
+    on CPU through the interpreter: `with backend.forced("triton"): ...`."""
+
+    def __init__(self, name: str):
+        if name not in _CHOICES:
+            raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        global BACKEND
+        self.previous, BACKEND = BACKEND, self.name
+        return self
+
+    def __exit__(self, *exc):
+        global BACKEND
+        BACKEND = self.previous
+        return False
+
+
+def describe() -> str:
+    """One line for notebooks and the doctor: which path ops take here."""
+    if BACKEND == "torch":
+        return "PyTorch reference ops (DEEPSEEK_MINI_BACKEND=torch)"
+    if not triton_available():
+        return "PyTorch reference ops (triton is not installed on this platform)"
+    if BACKEND == "triton":
+        mode = "Triton interpreter on CPU" if INTERPRET else "Triton kernels"
+        return f"{mode} for every op (DEEPSEEK_MINI_BACKEND=triton)"
+    if _cuda_available():
+        return "Triton kernels on CUDA tensors, PyTorch reference on CPU tensors"
+    return "PyTorch reference ops on CPU (no CUDA device; Triton kernels run only on a GPU)"
