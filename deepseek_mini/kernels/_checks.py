@@ -1,0 +1,61 @@
+"""Input checks shared by every kernel launcher.
+
+A Triton kernel trusts its pointers: a wrong shape, a strided view or a tensor on another
+device gives garbage or a crash, not an error. Each launcher calls these first so that bad
+input fails in Python with a message that names the argument and what was expected.
+"""
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(op, name, t, *, ndim=None, shape=None, dtypes=FLOAT_DTYPES, contiguous=True):
+    """Raise a clear error unless `t` is a tensor of the expected rank, shape, dtype and layout.
+
+    `shape` is a tuple whose entries are ints (must match) or None (any size).
+    Contiguity here means the last dimension is dense (stride 1) and the rows are laid out
+    without gaps, i.e. `t.is_contiguous()`; launchers that accept strided inputs pass False.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {want}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of {names}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (got strides {t.stride()} for shape "
+                         f"{tuple(t.shape)}); call .contiguous() first")
+    return t
+
+
+def check_same_device(op, **tensors):
+    """All tensors on one device, and a device Triton can run on (CUDA, or CPU under the
+    interpreter)."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{op}: all inputs must be on the same device, got {listing}")
+    device = next(iter(devices.values()))
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f"{op}: inputs are on the CPU but the Triton interpreter is off; "
+                           "set TRITON_INTERPRET=1 before importing deepseek_mini (or "
+                           "DEEPSEEK_MINI_BACKEND=triton), or use the PyTorch reference")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: Triton kernels run on CUDA (or CPU through the interpreter), got {device}")
+    return device
+
+
+def check_same_dtype(op, **tensors):
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} is {str(d).replace('torch.', '')}" for name, d in dtypes.items())
+        raise TypeError(f"{op}: inputs must share one dtype, got {listing}")
+    return next(iter(dtypes.values()))
