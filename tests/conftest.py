@@ -6,6 +6,7 @@ Without CUDA, the Triton interpreter is switched on here, before any test module
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,13 +15,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+# ./scripts/system-deps installs these where it can; tests skip only where it could not.
+HAS_CHROMIUM = shutil.which("chromium") is not None
+HAS_PROXY = shutil.which("configurable-http-proxy") is not None
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_browser = pytest.mark.skip(
+        reason="needs Debian's chromium on PATH (./scripts/system-deps installs it as root)")
+    skip_hub = pytest.mark.skip(
+        reason="needs configurable-http-proxy on PATH (./scripts/system-deps installs it with npm)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "browser" in item.keywords and not HAS_CHROMIUM:
+            item.add_marker(skip_browser)
+        if "hub" in item.keywords and not HAS_PROXY:
+            item.add_marker(skip_hub)
 
 
 @pytest.fixture(autouse=True)
