@@ -28,12 +28,22 @@ def require_cuda(script: str) -> None:
         sys.exit(0)
 
 
-def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+def bench_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
     """Median time of fn() in milliseconds, timed with CUDA events (triton's do_bench, which
     also flushes the L2 cache between runs so a memory-bound kernel is not flattered)."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def bench_fwd_bwd(fn, inputs, grad_out=None):
+    """(forward ms, backward ms) of y = fn(*inputs): the backward is timed alone, replaying
+    y.backward on a graph built once, with the input grads reset between runs."""
+    fwd = bench_ms(lambda: fn(*inputs))
+    y = fn(*inputs)
+    grad_out = torch.randn_like(y) if grad_out is None else grad_out
+    bwd = bench_ms(lambda: y.backward(grad_out, retain_graph=True), grad_to_none=list(inputs))
+    return fwd, bwd
 
 
 def _time_cuda_events(fn, iters: int) -> float:

@@ -59,3 +59,37 @@ def check_same_dtype(op, **tensors):
         listing = ", ".join(f"{name} is {str(d).replace('torch.', '')}" for name, d in dtypes.items())
         raise TypeError(f"{op}: inputs must share one dtype, got {listing}")
     return next(iter(dtypes.values()))
+
+
+class poison_empty:
+    """Test helper: while active, `torch.empty` / `torch.empty_like` return tensors filled with
+    NaN (floats) or the dtype's largest value (integers) instead of whatever memory held.
+
+    Launchers allocate their outputs with these, so a kernel that forgets to write an element
+    (a wrong mask, a missed tail block) leaves a NaN that the comparison with the reference
+    catches, instead of a lucky zero.
+    """
+
+    def __enter__(self):
+        self._empty, self._empty_like = torch.empty, torch.empty_like
+        torch.empty = self._poisoned(self._empty)
+        torch.empty_like = self._poisoned(self._empty_like)
+        return self
+
+    def __exit__(self, *exc):
+        torch.empty, torch.empty_like = self._empty, self._empty_like
+        return False
+
+    @staticmethod
+    def _poisoned(allocate):
+        def wrapper(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            if t.dtype.is_floating_point or t.dtype.is_complex:
+                t.fill_(float("nan"))
+            elif t.dtype == torch.bool:
+                t.fill_(True)
+            else:
+                t.fill_(torch.iinfo(t.dtype).max)
+            return t
+
+        return wrapper

@@ -1,0 +1,131 @@
+"""Fused RMSNorm, forward and backward, in Triton.
+
+Reference: `deepseek_mini.layers.rms_norm` (y = x / sqrt(mean(x^2) + eps) * weight, computed in
+float32 and cast back before the weight multiply). Eager PyTorch reads x several times (square,
+mean, rsqrt, multiply, cast, weight); here each program owns one row, reads it once, keeps it in
+registers and writes y plus one float32 `rstd` per row for the backward.
+
+Backward, with x_hat = x * rstd and g = dy * weight:
+    dx = rstd * (g - x_hat * mean(g * x_hat))
+    dweight = sum over rows of dy * x_hat
+dweight is a reduction over all rows, so a fixed number of programs each sum a slice of rows
+into their own partial row, and PyTorch adds the few partials (no atomics, deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from deepseek_mini.kernels._checks import check_same_device, check_tensor
+
+OP = "rmsnorm"
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    # round x_hat to the input dtype before the weight multiply, exactly like the reference
+    x_hat = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, (x_hat * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+                        n_rows, n_cols, rows_per_program, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    first = pid * rows_per_program
+    for i in range(0, rows_per_program):
+        row = first + i
+        if row < n_rows:
+            offs = row.to(tl.int64) * n_cols + cols
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row)
+            x_hat = x * rstd
+            g = dy * w
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += dy * x_hat
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
+
+
+def _launch_config(n_cols):
+    block = triton.next_power_of_2(n_cols)
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return block, num_warps
+
+
+def _check(x, weight):
+    check_tensor(OP, "x", x)
+    check_tensor(OP, "weight", weight, shape=(x.shape[-1],))
+    check_same_device(OP, x=x, weight=weight)
+
+
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """Launch the forward kernel. x [..., D] contiguous, weight [D]. Returns (y, rstd) with y
+    in the dtype the reference gives (promote(x, weight)) and rstd float32 [rows]."""
+    _check(x, weight)
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    block, num_warps = _launch_config(n_cols)
+    if x2.shape[0] > 0:
+        _rmsnorm_fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, n_cols, eps, BLOCK=block, num_warps=num_warps)
+    return y, rstd
+
+
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """Launch the backward kernel. Returns (dx like x, dweight like weight)."""
+    _check(x, weight)
+    check_tensor(OP, "dy", dy, shape=tuple(x.shape))
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols if n_cols else 0
+    check_tensor(OP, "rstd", rstd, shape=(n_rows,), dtypes=(torch.float32,))
+    if x.is_cuda:
+        n_programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        n_programs = 4  # the interpreter runs programs one after another; few is fastest
+    n_programs = max(1, min(n_programs, n_rows))
+    rows_per_program = triton.cdiv(n_rows, n_programs)
+    dx = torch.empty_like(x)
+    dw_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
+    block, num_warps = _launch_config(n_cols)
+    if n_rows > 0:
+        _rmsnorm_bwd_kernel[(n_programs,)](dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols,
+                                           rows_per_program, BLOCK=block, num_warps=num_warps)
+        dw = dw_partial.sum(0).to(weight.dtype)
+    else:
+        dw = torch.zeros_like(weight)
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = rmsnorm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rmsnorm_backward(dy.to(x.dtype).contiguous(), x, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Fused, differentiable RMSNorm over the last dimension; same contract as
+    `deepseek_mini.layers.rms_norm`. A strided x is copied to contiguous first."""
+    check_tensor(OP, "x", x, contiguous=False)
+    return RMSNormFunction.apply(x.contiguous(), weight, eps)

@@ -1,0 +1,134 @@
+"""RMSNorm and SwiGLU Triton kernels against the reference in deepseek_mini.layers.
+
+On CPU the kernels run through the Triton interpreter (tests/conftest.py switches it on), on
+small ragged shapes that need masking, in fp32 and fp16, forward and backward. Output buffers
+are poisoned with NaN so an element the kernel forgets to write fails the comparison.
+The `gpu` tests repeat the checks at model sizes and in bf16 when CUDA is present.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_mini import backend, layers
+from deepseek_mini.kernels import rmsnorm as rmsnorm_kernel
+from deepseek_mini.kernels import swiglu as swiglu_kernel
+from deepseek_mini.kernels._checks import poison_empty
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _check_rmsnorm(shape, dtype, weight_dtype=None, eps=1e-6, device=DEVICE, grad_tol=None):
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], device=device)).to(weight_dtype or dtype)
+    dy = torch.randn(shape, device=device).to(torch.promote_types(dtype, w.dtype))
+    x_ref, w_ref = _leaves(x, w)
+    y_ref = layers.rms_norm(x_ref.float(), w_ref.float(), eps).to(dy.dtype) if dtype == torch.bfloat16 \
+        else layers.rms_norm(x_ref, w_ref, eps)
+    y_ref.backward(dy)
+    x_k, w_k = _leaves(x, w)
+    with poison_empty():
+        y_k = rmsnorm_kernel.rms_norm(x_k, w_k, eps)
+        y_k.backward(dy)
+    assert y_k.dtype == y_ref.dtype and y_k.shape == y_ref.shape
+    torch.testing.assert_close(y_k, y_ref, **TOL[dtype])
+    gtol = grad_tol or TOL[dtype]
+    torch.testing.assert_close(x_k.grad, x_ref.grad, **gtol)
+    # dweight sums over all rows: its error grows with the row count, hence the relative scale
+    torch.testing.assert_close(w_k.grad.float(), w_ref.grad.float(),
+                               atol=gtol["atol"] * max(1, x.numel() // shape[-1]) ** 0.5, rtol=gtol["rtol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 5, 37), (7, 64), (1, 1, 100), (13, 3)])
+def test_rmsnorm_matches_reference(shape, dtype):
+    _check_rmsnorm(shape, dtype)
+
+
+def test_rmsnorm_fp16_input_fp32_weight_promotes_like_reference():
+    # the reference returns weight * x_hat.to(x.dtype): an fp32 weight gives an fp32 output
+    _check_rmsnorm((4, 33), torch.float16, weight_dtype=torch.float32)
+
+
+def test_rmsnorm_rejects_bad_input():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight has shape \(7,\), expected \(8\)"):
+        rmsnorm_kernel.rmsnorm_forward(x, torch.ones(7))
+    with pytest.raises(TypeError, match="x has dtype int64"):
+        rmsnorm_kernel.rmsnorm_forward(x.long(), torch.ones(8))
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        rmsnorm_kernel.rmsnorm_forward(torch.randn(8, 4).t(), torch.ones(8))
+
+
+def test_rmsnorm_strided_input_through_public_function():
+    # a column slice (as MLA slices the latent out of kv_a_proj's output) is not contiguous
+    full = torch.randn(6, 40)
+    x, w = full[:, :32], torch.randn(32)
+    torch.testing.assert_close(rmsnorm_kernel.rms_norm(x, w), layers.rms_norm(x, w), **TOL[torch.float32])
+
+
+def _check_swiglu(shape, dtype, device=DEVICE):
+    gate = (2 * torch.randn(shape, device=device)).to(dtype)
+    up = torch.randn(shape, device=device).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    g_ref, u_ref = _leaves(gate, up)
+    if dtype == torch.bfloat16:  # compare with an fp32 reference: eager bf16 rounds twice
+        y_ref = layers.swiglu(g_ref.float(), u_ref.float())
+        y_ref.backward(dy.float())
+    else:
+        y_ref = layers.swiglu(g_ref, u_ref)
+        y_ref.backward(dy)
+    g_k, u_k = _leaves(gate, up)
+    with poison_empty():
+        y_k = swiglu_kernel.swiglu(g_k, u_k)
+        y_k.backward(dy)
+    assert y_k.dtype == dtype and y_k.shape == gate.shape
+    torch.testing.assert_close(y_k.float(), y_ref.float(), **TOL[dtype])
+    torch.testing.assert_close(g_k.grad.float(), g_ref.grad.float(), **TOL[dtype])
+    torch.testing.assert_close(u_k.grad.float(), u_ref.grad.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 1000), (2, 7, 149), (5,)])
+def test_swiglu_matches_reference(shape, dtype):
+    _check_swiglu(shape, dtype)
+
+
+def test_swiglu_rejects_bad_input():
+    g = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"up has shape \(4, 9\), expected \(4, 8\)"):
+        swiglu_kernel.swiglu_forward(g, torch.randn(4, 9))
+    with pytest.raises(TypeError, match="gate is float32, up is float16"):
+        swiglu_kernel.swiglu_forward(g, g.half())
+
+
+def test_benchmark_script_says_it_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this checks the message printed on a machine without CUDA")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_norms.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "needs CUDA" in run.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rmsnorm_gpu_model_sizes(dtype):
+    _check_rmsnorm((4, 1024, 7168), dtype, grad_tol=dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else None)
+    _check_rmsnorm((2048, 512), dtype, grad_tol=dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_swiglu_gpu_model_sizes(dtype):
+    _check_swiglu((4096, 18432 // 8 + 3), dtype)
