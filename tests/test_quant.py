@@ -1,0 +1,334 @@
+"""Quantization: each scheme meets the error bound its rounding implies, int4 packing is exact,
+FP8 blocks dequantize like a plain per-block loop (and like transformers' FP8 loader), and
+QuantLinear / quantize_model compute with exactly the dequantized weight."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deepseek_mini.quant import (
+    FP8_DTYPE, FP8_MAX, QuantLinear, dequantize_fp8_activation, dequantize_fp8_block,
+    dequantize_int4, dequantize_int8, pack_int4, quantization_error, quantize_fp8_activation,
+    quantize_fp8_block, quantize_int4, quantize_int8, quantize_model, unpack_int4,
+)
+
+# float32 slack on top of the exact rounding bounds (w / scale and q * scale each round once)
+EPS = 1e-6
+
+
+def heavy_tailed(n, k):
+    """Weights with outliers and an all-zero row, closer to real layers than a plain randn."""
+    w = torch.randn(n, k) * torch.rand(n, 1) * 0.1
+    w[0, 3] = 2.5
+    w[-1] = 0.0
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_absmax_error_at_most_half_a_step(per_channel):
+    w = heavy_tailed(33, 70)
+    q, scale, zp = quantize_int8(w, per_channel=per_channel, symmetric=True)
+    assert q.dtype == torch.int8 and zp is None and scale.dtype == torch.float32
+    assert q.abs().max() <= 127
+    if per_channel:  # one scale per output row = that row's absmax / 127
+        assert scale.shape == (33,)
+        expected = w.abs().amax(dim=1) / 127
+        expected[-1] = 1.0  # all-zero row: any scale works, we use 1 (never divide by 0)
+        torch.testing.assert_close(scale, expected)
+        step = scale[:, None]
+    else:
+        assert scale.shape == ()
+        torch.testing.assert_close(scale, w.abs().max() / 127)
+        step = scale
+    w_hat = dequantize_int8(q, scale)
+    assert ((w_hat - w).abs() <= step / 2 * (1 + EPS)).all()
+    assert (w_hat[-1] == 0).all()  # the zero row comes back exactly
+    # the largest weight (of each row, or of the tensor) lands on code +-127: the full range is used
+    assert q.abs().amax(dim=1)[:-1].eq(127).all() if per_channel else q.abs().max() == 127
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_zero_point_error_and_exact_zero(per_channel):
+    # one-sided data (like post-ReLU activations) is where a zero point pays off
+    w = torch.rand(20, 64) * 3 + 0.5
+    w[:, 5] = 0.0
+    w[3, 7] = -0.25
+    q, scale, zp = quantize_int8(w, per_channel=per_channel, symmetric=False)
+    assert zp is not None and zp.dtype == torch.int32 and zp.shape == scale.shape
+    lo = w.amin(dim=1).clamp(max=0) if per_channel else w.min().clamp(max=0)
+    hi = w.amax(dim=1) if per_channel else w.max()
+    torch.testing.assert_close(scale, (hi - lo) / 255)
+    step = scale[:, None] if per_channel else scale
+    w_hat = dequantize_int8(q, scale, zp)
+    assert ((w_hat - w).abs() <= step / 2 * (1 + EPS) + EPS).all()
+    assert (w_hat[:, 5] == 0).all()  # 0.0 is exactly representable
+    assert q.min() == -128 and q.max() == 127  # all 256 codes in use
+    # on one-sided data the zero point halves the step compared with absmax
+    _, sym_scale, _ = quantize_int8(w, per_channel=per_channel, symmetric=True)
+    assert (scale < 0.6 * sym_scale).all()
+
+
+def test_int8_bad_inputs():
+    with pytest.raises(TypeError, match="w must be a float"):
+        quantize_int8(torch.ones(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_int8(torch.tensor([[1.0, float("nan")]]))
+    q, scale, _ = quantize_int8(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"scale must have shape \(\) .* \(4,\)"):
+        dequantize_int8(q, scale[:3])
+    with pytest.raises(TypeError, match="q must be a torch.int8"):
+        dequantize_int8(q.float(), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# int4
+# ---------------------------------------------------------------------------------------------
+
+def test_int4_packing_round_trips_all_16_values_with_documented_layout():
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    q = torch.stack([values, values.flip(0)])  # every value in both the low and the high nibble
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 8)
+    assert torch.equal(unpack_int4(packed), q)
+    # low nibble = even column, two's complement: (-8, 7) -> 0x8 | 0x7 << 4; (-1, 1) -> 0xF | 0x1 << 4
+    assert pack_int4(torch.tensor([[-8, 7, -1, 1]], dtype=torch.int8)).tolist() == [[0x78, 0x1F]]
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(4, 64)
+    assert torch.equal(pack_int4(unpack_int4(every_byte)), every_byte)
+
+
+@pytest.mark.parametrize("group_size", [2, 16, 64])
+def test_int4_group_error_at_most_half_a_step(group_size):
+    w = heavy_tailed(24, 128)
+    packed, scales = quantize_int4(w, group_size=group_size)
+    assert packed.shape == (24, 64) and scales.shape == (24, 128 // group_size)
+    groups = w.reshape(24, -1, group_size)
+    expected = groups.abs().amax(dim=-1) / 7
+    torch.testing.assert_close(scales[:-1], expected[:-1])
+    q = unpack_int4(packed)
+    assert q.min() >= -7 and q.max() <= 7
+    w_hat = dequantize_int4(packed, scales, group_size)
+    step = scales.repeat_interleave(group_size, dim=1)
+    assert ((w_hat - w).abs() <= step / 2 * (1 + EPS)).all()
+    assert (w_hat[-1] == 0).all()
+    # smaller groups isolate the outlier at [0, 3]: row 0 beyond its first group keeps precision
+    if group_size < 128:
+        assert (w_hat[0, group_size:] - w[0, group_size:]).abs().max() < 2.5 / 14
+
+
+def test_int4_bad_inputs():
+    with pytest.raises(ValueError, match="K=100 columns, not divisible by group_size=64"):
+        quantize_int4(torch.randn(4, 100), group_size=64)
+    with pytest.raises(ValueError, match="group_size must be an even integer"):
+        quantize_int4(torch.randn(4, 99), group_size=3)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        quantize_int4(torch.randn(4, 8, 8), group_size=8)
+    with pytest.raises(ValueError, match=r"must lie in \[-8, 7\]"):
+        pack_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+    with pytest.raises(ValueError, match="K even"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+    packed, scales = quantize_int4(torch.randn(4, 64), group_size=32)
+    with pytest.raises(ValueError, match=r"scales must have shape \(4, 2\)"):
+        dequantize_int4(packed, scales[:, :1], group_size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 e4m3, 128x128 weight blocks, 1x128 activation tiles
+# ---------------------------------------------------------------------------------------------
+
+def loop_dequant_fp8(w_fp8, scale_inv, bs):
+    """The plainest possible reference: visit each block and multiply it by its own scale."""
+    out = torch.empty(w_fp8.shape)
+    for i in range(scale_inv.shape[0]):
+        for j in range(scale_inv.shape[1]):
+            block = w_fp8[i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].float()
+            out[i * bs:(i + 1) * bs, j * bs:(j + 1) * bs] = block * scale_inv[i, j]
+    return out
+
+
+def random_fp8_checkpoint_tensor(n, k, bs):
+    """A (weight, weight_scale_inv) pair as a checkpoint stores it: arbitrary finite e4m3 codes
+    (every bit pattern except NaN) and positive float32 scales of different magnitudes."""
+    codes = torch.randint(0, 256, (n, k), dtype=torch.int32).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # 0x7F / 0xFF are NaN in e4m3fn
+    w_fp8 = codes.view(FP8_DTYPE)
+    scale_inv = torch.rand(-(-n // bs), -(-k // bs)) * 10.0 ** torch.randint(-6, 0, (1,)).item()
+    return w_fp8, scale_inv
+
+
+@pytest.mark.parametrize("n,k,bs", [(256, 384, 128), (300, 200, 128), (37, 50, 16), (5, 3, 4)])
+def test_fp8_block_dequant_equals_per_block_loop(n, k, bs):
+    w_fp8, scale_inv = random_fp8_checkpoint_tensor(n, k, bs)
+    torch.testing.assert_close(dequantize_fp8_block(w_fp8, scale_inv, bs),
+                               loop_dequant_fp8(w_fp8, scale_inv, bs), rtol=0, atol=0)
+
+
+def test_fp8_block_dequant_matches_transformers_fp8_loader():
+    """transformers' own dequantization of DeepSeek-V3 FP8 checkpoints (private helper of its
+    finegrained-FP8 integration, pinned transformers==5.23.0) on a ragged 300x200 weight."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    w_fp8, scale_inv = random_fp8_checkpoint_tensor(300, 200, 128)
+    theirs = _dequantize_fp8_weight(w_fp8, scale_inv, [128, 128], torch.float32)
+    torch.testing.assert_close(dequantize_fp8_block(w_fp8, scale_inv), theirs, rtol=0, atol=0)
+
+
+def fp8_bound(x, scale):
+    """e4m3 has 3 mantissa bits: rounding a normal number errs by <= 2^-4 of its magnitude;
+    below the smallest normal (2^-6) the grid spacing is 2^-9, so the error is <= 2^-10.
+    In original units (value = code * scale) that is max(2^-4 |x|, 2^-10 scale)."""
+    return torch.maximum(x.abs() * 2.0 ** -4, scale * 2.0 ** -10) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("n,k", [(256, 256), (300, 200), (1, 129)])
+def test_fp8_block_quantize_error_bound_and_layout(n, k):
+    w = heavy_tailed(n, k)
+    w_fp8, scale_inv = quantize_fp8_block(w)
+    assert w_fp8.dtype == FP8_DTYPE and w_fp8.shape == (n, k)
+    assert scale_inv.dtype == torch.float32 and scale_inv.shape == (math.ceil(n / 128), math.ceil(k / 128))
+    for i in range(scale_inv.shape[0]):  # each block's largest value maps to +-448
+        for j in range(scale_inv.shape[1]):
+            block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            if block.abs().max() > 0:
+                torch.testing.assert_close(scale_inv[i, j], block.abs().max() / FP8_MAX)
+                assert w_fp8[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float().abs().max() == FP8_MAX
+    w_hat = dequantize_fp8_block(w_fp8, scale_inv)
+    scale = scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
+    assert ((w_hat - w).abs() <= fp8_bound(w, scale)).all()
+
+
+def test_fp8_activation_one_scale_per_128_values():
+    x = torch.randn(2, 3, 300) * torch.logspace(-3, 2, 300)  # tiles of very different magnitude
+    x_fp8, scale = quantize_fp8_activation(x)
+    assert x_fp8.dtype == FP8_DTYPE and x_fp8.shape == x.shape and scale.shape == (2, 3, 3)
+    for t in range(3):  # the tile's absmax sets its scale; the ragged last tile has 44 values
+        torch.testing.assert_close(scale[..., t], x[..., t * 128:(t + 1) * 128].abs().amax(-1) / FP8_MAX)
+    x_hat = dequantize_fp8_activation(x_fp8, scale)
+    full_scale = scale.repeat_interleave(128, dim=-1)[..., :300]
+    assert ((x_hat - x).abs() <= fp8_bound(x, full_scale)).all()
+    # per-tile scales keep the small tiles accurate; one scale for the whole row would not
+    assert ((x_hat - x).abs() / x.abs().clamp(min=1e-12))[..., :128].median() < 2.0 ** -4
+
+
+def test_fp8_bad_inputs():
+    with pytest.raises(ValueError, match=r"scale_inv must have shape \(3, 2\)"):
+        dequantize_fp8_block(torch.zeros(300, 200, dtype=FP8_DTYPE), torch.ones(2, 2))
+    with pytest.raises(TypeError, match="w_fp8 must be a torch.float8_e4m3fn"):
+        dequantize_fp8_block(torch.zeros(3, 3), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        quantize_fp8_block(torch.randn(4, 4), block_size=0)
+    x_fp8, scale = quantize_fp8_activation(torch.randn(4, 256))
+    with pytest.raises(ValueError, match=r"scale must have shape \(4, 2\)"):
+        dequantize_fp8_activation(x_fp8, scale[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantLinear and quantize_model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-asym", "int4", "fp8"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_quantlinear_forward_equals_dequantized_linear(scheme, bias):
+    linear = nn.Linear(192, 72, bias=bias)
+    layer = QuantLinear.from_linear(linear, scheme, group_size=64)
+    w_hat = layer.dequantize_weight()
+    assert not torch.equal(w_hat, linear.weight)  # it really is quantized
+    reference = nn.Linear(192, 72, bias=bias)
+    with torch.no_grad():
+        reference.weight.copy_(w_hat)
+        if bias:
+            reference.bias.copy_(linear.bias)
+    x = torch.randn(2, 5, 192)
+    torch.testing.assert_close(layer(x), reference(x))
+    # the quantized weight is frozen by construction; only the bias is a parameter
+    assert [n for n, _ in layer.named_parameters()] == (["bias"] if bias else [])
+
+
+def test_quantlinear_state_dict_round_trip_and_fp8_checkpoint_keys(tmp_path):
+    layer = QuantLinear.from_linear(nn.Linear(300, 200, bias=False), "fp8")
+    save_file(layer.state_dict(), tmp_path / "layer.safetensors")
+    tensors = load_file(tmp_path / "layer.safetensors")
+    # the names and dtypes a DeepSeek-V3 FP8 checkpoint uses for one linear layer
+    assert {k: v.dtype for k, v in tensors.items()} == {"weight": FP8_DTYPE, "weight_scale_inv": torch.float32}
+    assert tensors["weight_scale_inv"].shape == (2, 3)
+    fresh = QuantLinear(300, 200, "fp8", bias=False)
+    fresh.load_state_dict(tensors)
+    x = torch.randn(4, 300)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_quantlinear_bad_inputs():
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        QuantLinear(8, 8, "int3")
+    layer = QuantLinear.from_linear(nn.Linear(16, 4), "int8")
+    with pytest.raises(ValueError, match="last dimension in_features=16"):
+        layer(torch.randn(2, 15))
+    with pytest.raises(ValueError, match=r"w must have shape \(4, 16\)"):
+        layer.set_weight(torch.randn(16, 4))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 128)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"up": nn.Linear(128, 256), "down": nn.Linear(256, 128)})
+                                     for _ in range(2)])
+        self.lm_head = nn.Linear(128, 10, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + b["down"](F.gelu(b["up"](h)))
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-asym", "int4", "fp8"])
+def test_quantize_model_replaces_linears_and_reports_errors(scheme):
+    model = Tiny()
+    original = copy.deepcopy(model)
+    report = quantize_model(model, scheme, group_size=64, skip=["lm_head"])
+    names = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    assert [r.name for r in report] == names
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QuantLinear)
+    for r in report:
+        layer, w = model.get_submodule(r.name), original.get_submodule(r.name).weight.detach()
+        assert isinstance(layer, QuantLinear) and layer.scheme == scheme and r.shape == tuple(w.shape)
+        err = (layer.dequantize_weight() - w).double()
+        assert r.max_abs_error == pytest.approx(err.abs().max().item())
+        assert r.mean_abs_error == pytest.approx(err.abs().mean().item())
+        assert r.snr_db == pytest.approx(10 * math.log10((w.double() ** 2).sum() / (err ** 2).sum()))
+        assert r.as_dict()["snr_db"] == r.snr_db
+    ids = torch.randint(0, 10, (2, 7))
+    out, ref = model(ids), original(ids)
+    assert out.shape == ref.shape and not torch.equal(out, ref)
+    assert quantization_error(ref, out).snr_db > 15  # quantized model still computes nearly the same
+
+
+def test_more_bits_give_higher_snr():
+    """On the same Gaussian weights: int8 per-channel (8 bits) > fp8 (3 mantissa bits) > int4."""
+    torch.manual_seed(1)
+    snr = {scheme: quantize_model(Tiny(), scheme, skip=["lm_head"])[0].snr_db
+           for scheme in ["int8", "fp8", "int4"]}
+    assert snr["int8"] > snr["fp8"] > snr["int4"] > 10
+
+
+def test_quantize_model_bad_inputs_leave_model_untouched():
+    model = Tiny()
+    model.blocks[1]["odd"] = nn.Linear(100, 8)
+    with pytest.raises(ValueError, match=r"layer 'blocks.1.odd' has in_features=100, not divisible by group_size=64"):
+        quantize_model(model, "int4", group_size=64)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    report = quantize_model(model, "int4", group_size=64, skip=["odd"])
+    assert "blocks.1.odd" not in [r.name for r in report]
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quantize_model(Tiny(), "int2")
+    with pytest.raises(TypeError, match="skip must be a list"):
+        quantize_model(Tiny(), "int8", skip="lm_head")
