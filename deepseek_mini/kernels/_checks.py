@@ -16,8 +16,9 @@ def check_tensor(op, name, t, *, ndim=None, shape=None, dtypes=FLOAT_DTYPES, con
     """Raise a clear error unless `t` is a tensor of the expected rank, shape, dtype and layout.
 
     `shape` is a tuple whose entries are ints (must match) or None (any size).
-    Contiguity here means the last dimension is dense (stride 1) and the rows are laid out
-    without gaps, i.e. `t.is_contiguous()`; launchers that accept strided inputs pass False.
+    `contiguous=True` asks for `t.is_contiguous()`; `"last"` only for a unit-stride last
+    dimension (kernels that take every other stride as an argument, e.g. a transposed view of
+    [batch, seq, heads, dim]); False for no layout check.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -30,7 +31,11 @@ def check_tensor(op, name, t, *, ndim=None, shape=None, dtypes=FLOAT_DTYPES, con
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of {names}")
-    if contiguous and not t.is_contiguous():
+    if contiguous == "last":
+        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have a unit-stride last dimension (got strides "
+                             f"{t.stride()} for shape {tuple(t.shape)}); call .contiguous() first")
+    elif contiguous and not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous (got strides {t.stride()} for shape "
                          f"{tuple(t.shape)}); call .contiguous() first")
     return t
