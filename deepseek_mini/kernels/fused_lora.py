@@ -1,0 +1,183 @@
+"""Fused LoRA linear in Triton: y = x W^T + b + scaling * (x A^T) B^T in one pass.
+
+Reference: `deepseek_mini.lora.lora_linear`. peft computes the same thing as three matmuls and
+two adds (base(x), then lora_B(lora_A(x)) * scaling, then the sum), so the output is written
+and read again and x is read twice. Here each program owns one [BLOCK_M, BLOCK_N] output tile:
+while it walks K for the base product x W^T it also accumulates the thin product
+t = x A^T ([BLOCK_M, r], the same x tiles, already loaded), and in the epilogue adds
+scaling * t B^T for its columns and the bias before the single store. The extra work is the
+r / BLOCK_N share of recomputing t per column tile (r = 16, BLOCK_N = 128: ~12%).
+
+The backward has the same shape, so the same kernel serves it with other operands:
+    dx = dy W + (scaling * dy B) A          (P = dy, Q = W, L = B, R = A)
+    dA = scaling * (dy B)^T x,   dB = scaling * dy^T (x A^T),   dW = dy^T x (if W trains)
+The kernel writes the thin products t = x A^T (forward) and dy B (backward) as a by-product,
+so the small weight gradients are two thin cuBLAS matmuls.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+
+OP = "fused_lora"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, t_ptr, M, N, K, R, scaling,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lk, stride_lr, stride_rr, stride_rn,
+    stride_om, stride_on, stride_tm, stride_tr,
+    HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out = P @ Q + scaling * (P @ L) @ Rm (+ bias); t = P @ L written when STORE_T.
+    P [M, K], Q [K, N], L [K, R], Rm [R, N], all addressed through strides."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    rank_ok = ranks < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + k[None, :] * stride_pk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + k[:, None] * stride_qk + cols[None, :] * stride_qn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        lo = tl.load(l_ptr + k[:, None] * stride_lk + ranks[None, :] * stride_lr,
+                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+            lo = lo.to(tl.float32)
+        acc += tl.dot(p, q)
+        t += tl.dot(p, lo)
+    # the thin product is rounded to the input dtype, as the reference's (x A^T) is
+    t_in = t.to(p_ptr.dtype.element_ty)
+    r = tl.load(r_ptr + ranks[:, None] * stride_rr + cols[None, :] * stride_rn,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        t_in = t_in.to(tl.float32)
+        r = r.to(tl.float32)
+    acc += scaling * tl.dot(t_in, r)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if STORE_T:  # every column tile computed the same t; the first one writes it
+        tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
+                 t_in.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :] & (pid_n == 0))
+
+
+def _tiles(m: int, n: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); one config in the interpreter."""
+    if _interpreting():
+        return 16, 32, 32, 4, 1
+    if m <= 64:
+        return 64, 64, 64, 4, 4
+    return 128, 128, 64, 8, 3
+
+
+def lora_matmul(p, q, lo, r, scaling, bias=None, *, out=None, t_out=None):
+    """Launch the fused kernel on matrix views: returns (out [M, N], t [M, rank]) with
+    out = p @ q + scaling * (p @ lo) @ r (+ bias) and t = p @ lo rounded to p's dtype.
+
+    p [M, K] contiguous; q [K, N], lo [K, rank], r [rank, N] any strides (transposed views of
+    the stored weights); out, t_out: optional preallocated outputs.
+    """
+    check_tensor(OP, "p", p, ndim=2)
+    m, k = p.shape
+    check_tensor(OP, "q", q, ndim=2, contiguous=False)
+    n = q.shape[1]
+    check_tensor(OP, "q", q, shape=(k, n), contiguous=False)
+    check_tensor(OP, "lo", lo, ndim=2, contiguous=False)
+    rank = lo.shape[1]
+    check_tensor(OP, "lo", lo, shape=(k, rank), contiguous=False)
+    check_tensor(OP, "r", r, shape=(rank, n), contiguous=False)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, shape=(n,))
+    check_same_dtype(OP, p=p, q=q, lo=lo, r=r, bias=bias)
+    check_same_device(OP, p=p, q=q, lo=lo, r=r, bias=bias)
+    if out is None:
+        out = torch.empty(m, n, dtype=p.dtype, device=p.device)
+    if t_out is None:
+        t_out = torch.empty(m, rank, dtype=p.dtype, device=p.device)
+    check_tensor(OP, "out", out, shape=(m, n), dtypes=(p.dtype,))
+    check_tensor(OP, "t_out", t_out, shape=(m, rank), dtypes=(p.dtype,))
+    block_m, block_n, block_k, warps, stages = _tiles(m, n)
+    block_r = max(16, triton.next_power_of_2(rank))
+    if m and n:
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        _lora_matmul_kernel[grid](
+            p, q, lo, r, bias if bias is not None else p, out, t_out, m, n, k, rank, float(scaling),
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), lo.stride(0), lo.stride(1),
+            r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_out.stride(0), t_out.stride(1),
+            HAS_BIAS=bias is not None, STORE_T=True, UPCAST=_interpreting(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=warps, num_stages=stages)
+    return out, t_out
+
+
+class FusedLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        # forward: P = x, Q = W^T, L = A^T, R = B^T
+        y, xa = lora_matmul(x, weight.t(), lora_A.t(), lora_B.t(), scaling, bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        dy = dy.to(x.dtype).contiguous()
+        s = ctx.scaling
+        # backward: P = dy, Q = W, L = B, R = A gives dx = dy W + s (dy B) A and t = dy B
+        dx, dyb = lora_matmul(dy, weight, lora_B, lora_A, s)
+        d_a = (dyb.t() @ x) * s if need_a else None
+        d_b = (dy.t() @ xa) * s if need_bb else None
+        d_w = dy.t() @ x if need_w else None
+        d_bias = dy.sum(0) if ctx.has_bias and need_b else None
+        return dx if need_x else None, d_w, d_bias, d_a, d_b, None
+
+
+def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling):
+    """Fused, differentiable LoRA linear; same contract as `deepseek_mini.lora.lora_linear`.
+
+    x [..., in]; weight [out, in]; bias [out] or None; lora_A [r, in]; lora_B [out, r];
+    scaling a Python float (alpha / r, or alpha / sqrt(r) for rsLoRA). All in one float dtype.
+    Returns x W^T + b + scaling * (x A^T) B^T, shape [..., out].
+    """
+    check_tensor(OP, "weight", weight, ndim=2, contiguous=False)
+    n, k = weight.shape
+    check_tensor(OP, "x", x, contiguous=False)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{OP}: x has shape {tuple(x.shape)}, expected (..., {k}) to match weight {tuple(weight.shape)}")
+    check_tensor(OP, "lora_A", lora_A, ndim=2, contiguous=False)
+    rank = lora_A.shape[0]
+    check_tensor(OP, "lora_A", lora_A, shape=(rank, k), contiguous=False)
+    check_tensor(OP, "lora_B", lora_B, shape=(n, rank), contiguous=False)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, shape=(n,), contiguous=False)
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{OP}: scaling must be a Python float, got {type(scaling).__name__}")
+    check_same_dtype(OP, x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    x2 = x.reshape(-1, k).contiguous()
+    y = FusedLoRAFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling))
+    return y.reshape(*x.shape[:-1], n)
