@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deepseek_mini import backend
 from deepseek_mini.quant import QuantLinear, _check_names, name_matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -36,6 +37,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0] or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"lora_A must be [r, in={weight.shape[1]}] and lora_B [out={weight.shape[0]}, r], "
                          f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
+    # the fused kernel wants one dtype throughout; under autocast the reference lets torch cast
+    if backend.use_triton(x) and not torch.is_autocast_enabled(x.device.type):
+        from deepseek_mini.kernels.fused_lora import fused_lora_linear
+
+        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling)
     return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_A), lora_B) * scaling
 
 
@@ -80,10 +86,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if isinstance(self.dropout, nn.Dropout) and self.training:  # dropout only on the adapter path
+        # QLoRA (the quantized base runs its own matmul) and dropout (only on the adapter path)
+        # need the two paths apart; otherwise one lora_linear call (fused on a GPU)
+        if isinstance(self.base, QuantLinear) or (isinstance(self.dropout, nn.Dropout) and self.training):
             return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
-        weight = self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize_weight(x.dtype)
-        return lora_linear(x, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
 
     def _check_mergeable(self, action: str):
         if isinstance(self.base, QuantLinear):

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_mini import backend
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCHEMES = ("int8", "int8-asym", "int4", "fp8")
@@ -369,6 +371,15 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if backend.use_triton(x):  # dequantize tile by tile in registers, never the whole weight
+            from deepseek_mini.kernels import quant_matmul as kernels
+
+            x = x.contiguous()
+            if self.scheme == "int4":
+                return kernels.int4_matmul(x, self.weight, self.weight_scale, self.group_size, bias)
+            if self.scheme == "fp8":
+                return kernels.fp8_weight_matmul(x, self.weight, self.weight_scale_inv, self.block_size, bias)
+            return kernels.int8_matmul(x, self.weight, self.weight_scale, getattr(self, "weight_zero_point", None), bias)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
