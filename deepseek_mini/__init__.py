@@ -18,6 +18,12 @@ _EXPORTS = {
     "pretrained": "pretrained",
     "load_mnist": "data",
     "device": "backend",
+    "LoRALinear": "lora",
+    "inject_lora": "lora",
+    "save_lora": "lora",
+    "load_lora": "lora",
+    "QuantLinear": "quant",
+    "quantize_model": "quant",
 }
 
 
