@@ -1,0 +1,276 @@
+"""Hugging Face checkpoints <-> DeepseekModel.
+
+A Hugging Face DeepSeek-V3 / V2 checkpoint is a folder with `config.json` and one or more
+`*.safetensors` files whose keys look like `model.layers.3.mlp.experts.17.up_proj.weight`.
+Our module names are the same except that
+  * there is no leading `model.` (our DeepseekModel is the whole causal LM), and
+  * the routed experts are stacked: `layers.3.mlp.experts.up_proj` is [n_experts, inter, dim].
+
+    load_pretrained(path, dtype=torch.float32) -> DeepseekModel
+    save_pretrained(model, path)               -> writes config.json + model.safetensors
+
+Both refuse what they cannot represent exactly (an unknown config field, an FP8 checkpoint, a
+missing tensor, ...) with an error naming it, instead of producing a subtly different model.
+Where transformers itself departs from DeepSeek's original code, we follow transformers (the
+reference our tests compare with) and say so in a warning.
+"""
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from deepseek_mini.model import DeepseekConfig, DeepseekModel
+
+# transformers 5.23 defaults, used for fields a config.json leaves out
+_DEFAULTS = {
+    "deepseek_v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+        norm_topk_prob=True, hidden_act="silu", max_position_embeddings=4096, initializer_range=0.02,
+        rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+        rope_interleave=True, attention_bias=False, attention_dropout=0.0,
+        scoring_func="sigmoid", topk_method="noaux_tc"),
+    "deepseek_v2": dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
+        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+        attention_bias=False, attention_dropout=0.0, first_k_dense_replace=0, kv_lora_rank=512,
+        q_lora_rank=1536, n_group=None, n_routed_experts=64, n_shared_experts=2, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, routed_scaling_factor=1.0, topk_group=None, topk_method="greedy",
+        norm_topk_prob=False, v_head_dim=128, num_experts_per_tok=None, moe_intermediate_size=1407,
+        scoring_func="softmax", rope_interleave=True),
+}
+
+# config.json fields that do not change the forward pass (bookkeeping, generation, training-only)
+_IGNORED = {
+    "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "model_type",
+    "use_cache", "output_router_logits", "output_attentions", "output_hidden_states", "return_dict",
+    "id2label", "label2id", "problem_type", "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class",
+    "initializer_range", "pretraining_tp", "ep_size", "num_nextn_predict_layers", "num_mtp_layers", "seq_aux",
+    "aux_loss_alpha", "router_aux_loss_coef", "head_dim", "qk_head_dim", "num_key_value_heads",
+    "tie_encoder_decoder", "use_return_dict", "bos_token_id", "eos_token_id", "pad_token_id",
+}
+# fields we take over one to one
+_COPIED = {
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "scoring_func",
+    "topk_method", "norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace", "moe_layer_freq",
+    "max_position_embeddings", "rope_interleave", "rms_norm_eps", "hidden_act", "attention_bias",
+    "attention_dropout", "tie_word_embeddings",
+}
+_ROPE_FIELDS = {"rope_parameters", "rope_scaling", "rope_theta"}
+_V2_ONLY = {"mlp_bias"}
+
+
+def config_from_hf(hf: dict) -> DeepseekConfig:
+    """Our config from a Hugging Face DeepSeek-V3/V2 config.json dict."""
+    model_type = hf.get("model_type")
+    if model_type not in _DEFAULTS:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected 'deepseek_v3' or 'deepseek_v2'")
+    unknown = set(hf) - _IGNORED - _COPIED - _ROPE_FIELDS - _V2_ONLY
+    if unknown:
+        raise ValueError(f"config.json: unsupported field(s) {sorted(unknown)} (they may change the model's math)")
+    if hf.get("quantization_config"):
+        raise ValueError("config.json: quantization_config is not supported (dequantize the checkpoint to bf16/fp32 first)")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=true is not supported (DeepSeek MLPs have no bias)")
+    cfg = dict(_DEFAULTS[model_type])
+    cfg.update({k: v for k, v in hf.items() if k in _COPIED})
+
+    if model_type == "deepseek_v3":
+        # transformers' DeepseekV3 always routes with sigmoid scores + bias + group top-2 sums
+        for name, required in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+            if cfg[name] != required:
+                raise ValueError(f"config.json: deepseek_v3 with {name}={cfg[name]!r} is not supported "
+                                 f"(transformers' DeepseekV3 implements {name}={required!r})")
+        cfg["n_group"] = cfg["n_group"] or 1
+        cfg["topk_group"] = cfg["topk_group"] or 1
+    else:
+        if cfg["scoring_func"] != "softmax":
+            raise ValueError(f"config.json: deepseek_v2 with scoring_func={cfg['scoring_func']!r} is not supported "
+                             "(transformers' DeepseekV2 uses softmax)")
+        if cfg["topk_method"] not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"config.json: deepseek_v2 topk_method={cfg['topk_method']!r} is not supported; "
+                             "expected 'greedy' or 'group_limited_greedy'")
+        if cfg["topk_method"] == "group_limited_greedy" and not (cfg["n_group"] and cfg["topk_group"]):
+            raise ValueError("config.json: topk_method='group_limited_greedy' needs n_group and topk_group")
+        if cfg["norm_topk_prob"]:
+            warnings.warn("config.json: deepseek_v2 with norm_topk_prob=true: transformers' DeepseekV2 does not "
+                          "renormalise the top-k weights, and this library follows transformers", stacklevel=3)
+            cfg["norm_topk_prob"] = False
+        cfg["rope_interleave"] = True  # V2 always rotates interleaved pairs
+        cfg["n_group"] = cfg["n_group"] or 1
+        cfg["topk_group"] = cfg["topk_group"] or 1
+    if cfg["num_experts_per_tok"] is None:
+        raise ValueError("config.json: num_experts_per_tok is required")
+    if cfg["q_lora_rank"] == 0:
+        cfg["q_lora_rank"] = None
+
+    # RoPE: transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
+    rope = dict(hf.get("rope_parameters") or {})
+    if hf.get("rope_scaling"):
+        rope = {**hf["rope_scaling"], **rope}
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise ValueError(f"config.json: rope type {kind!r} is not supported; expected 'default' or 'yarn'")
+    scaling = None
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", **rope}
+        scaling.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+    elif rope:
+        raise ValueError(f"config.json: rope fields {sorted(rope)} given for the default rope type")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        cfg[name] = hf.get(name, cfg[name])
+    return DeepseekConfig(**cfg, rope_theta=float(theta), rope_scaling=scaling)
+
+
+def hf_model_type(config: DeepseekConfig) -> str:
+    """Which transformers architecture reproduces this config exactly (or a ValueError saying why none)."""
+    if not config.n_routed_experts or (config.scoring_func, config.topk_method) == ("sigmoid", "noaux_tc"):
+        return "deepseek_v3"
+    if config.scoring_func == "softmax" and config.topk_method in ("greedy", "group_limited_greedy"):
+        if config.norm_topk_prob:
+            raise ValueError("save_pretrained: a softmax gate with norm_topk_prob=True has no transformers "
+                             "equivalent (DeepseekV2 never renormalises)")
+        if not config.rope_interleave:
+            raise ValueError("save_pretrained: a softmax (V2) gate with rope_interleave=False has no transformers "
+                             "equivalent (DeepseekV2 always uses interleaved RoPE)")
+        return "deepseek_v2"
+    raise ValueError(f"save_pretrained: scoring_func={config.scoring_func!r} with topk_method={config.topk_method!r} "
+                     "has no transformers equivalent (V3: sigmoid + noaux_tc; V2: softmax + greedy/group_limited_greedy)")
+
+
+def config_to_hf(config: DeepseekConfig) -> dict:
+    """The config.json dict for `config` (transformers 5 format)."""
+    model_type = hf_model_type(config)
+    out = {name: getattr(config, name) for name in sorted(_COPIED)}
+    out.update(model_type=model_type, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+               pad_token_id=config.pad_token_id, initializer_range=config.initializer_range,
+               num_key_value_heads=config.num_attention_heads, head_dim=config.qk_rope_head_dim,
+               architectures=["DeepseekV3ForCausalLM" if model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"])
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    out["rope_parameters"].pop("type", None)
+    if not config.n_routed_experts:  # an all-dense model: every layer is one of the "first k dense"
+        out.update(n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
+                   first_k_dense_replace=config.num_hidden_layers)
+    if model_type == "deepseek_v2":
+        out.pop("rope_interleave")
+        out.pop("scoring_func")
+        out["mlp_bias"] = False
+    else:
+        out.pop("topk_method")
+        out.pop("scoring_func")
+    out.pop("moe_layer_freq")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------
+
+_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"load_pretrained: no *.safetensors file in {path}")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face keys to ours and stack per-expert weights into [E, ...] tensors."""
+    fp8 = [k for k in tensors if k.endswith("weight_scale_inv")]
+    if fp8:
+        raise ValueError(f"load_pretrained: FP8 checkpoints are not supported (found {fp8[0]!r}, ...); "
+                         "dequantize to bf16/fp32 first (deepseek_mini.quant.dequantize_fp8_block)")
+    out, experts, unexpected = {}, {}, []
+    for key, t in tensors.items():
+        name = key.removeprefix("model.")
+        layer = _LAYER_KEY.match(name)
+        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+            continue  # multi-token-prediction layers after the last block: transformers skips them too
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from the config
+        m = _EXPERT_KEY.match(name)
+        if m:
+            experts[(int(m.group(1)), m.group(3), int(m.group(2)))] = t
+        elif name.endswith("mlp.experts.gate_up_proj"):  # transformers' in-memory fused layout
+            out[name[: -len("gate_up_proj")] + "gate_proj"], out[name[: -len("gate_up_proj")] + "up_proj"] = t.chunk(2, dim=1)
+        elif not key.startswith("model.") and key != "lm_head.weight":
+            unexpected.append(key)
+        else:
+            out[name] = t
+    if unexpected:
+        raise ValueError(f"load_pretrained: unexpected tensor(s) {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    for layer in sorted({lay for lay, _, _ in experts}):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            ids = [e for e in range(config.n_routed_experts or 0) if (layer, proj, e) in experts]
+            if len(ids) != config.n_routed_experts:
+                missing = sorted(set(range(config.n_routed_experts)) - set(ids))
+                raise ValueError(f"load_pretrained: layer {layer} is missing {proj} of expert(s) {missing[:10]}")
+            out[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([experts[(layer, proj, e)] for e in ids])
+    return out
+
+
+def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> DeepseekModel:
+    """Load a Hugging Face DeepSeek-V3 / V2 checkpoint folder into a DeepseekModel (eval mode)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"load_pretrained: {config_file} does not exist")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    state = state_dict_from_hf(_read_safetensors(path), config)
+    model = DeepseekModel(config)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"load_pretrained: checkpoint does not match the config: missing {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}, unexpected {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+    wrong = [f"{k}: {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"load_pretrained: tensor shape(s) do not match config.json: {wrong[:5]}")
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_pretrained(model: DeepseekModel, path) -> None:
+    """Write `model` as a Hugging Face checkpoint folder that transformers' from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    hf_config = config_to_hf(model.config)  # raises first if transformers cannot represent the model
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not model.config.tie_word_embeddings:
+                tensors[name] = t.detach().clone().contiguous()
+            continue
+        if re.search(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$", name):
+            prefix, proj = name.rsplit(".", 1)
+            for e in range(t.shape[0]):
+                tensors[f"model.{prefix}.{e}.{proj}.weight"] = t[e].detach().clone().contiguous()
+        else:
+            tensors[f"model.{name}"] = t.detach().clone().contiguous()
+    hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
