@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_mini.kernels._checks import fusable
 from deepseek_mini.layers import RMSNorm
 from deepseek_mini.rope import apply_rope
 
@@ -83,6 +84,10 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             raise ValueError(f"scaled_dot_product_attention: window must be a positive int, got {window!r}")
     if scale is None:
         scale = D ** -0.5
+    if not return_weights and max(D, v.shape[-1]) <= 256 and fusable(q, k, v):
+        # CUDA -> flash attention (deepseek_mini/kernels/flash_attention.py): same math, no S x T matrix
+        from deepseek_mini.kernels.flash_attention import flash_attention
+        return flash_attention(q, k, v, causal=causal, window=window, scale=scale)
 
     # GQA/MQA: each key/value head serves a group of consecutive query heads.
     if Hkv != Hq:
@@ -278,10 +283,18 @@ class MultiHeadLatentAttention(nn.Module):
             if cache is not None:
                 c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe)
             w_uk, w_uv = self.up_projections()
-            q = torch.cat((torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk), q_pe), dim=-1)
-            k = torch.cat((c_kv, k_pe), dim=-1)
-            out = scaled_dot_product_attention(q, k, c_kv, causal=True, scale=self.softmax_scale,
-                                               return_weights=self.keep_attention)
+            q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+            if S == 1 and not self.keep_attention and not torch.is_grad_enabled() and fusable(q_latent, c_kv, k_pe):
+                # one new token (generation): the memory-bound decode kernel reads the cache once
+                # without concatenating it (deepseek_mini/kernels/mla_decode.py)
+                from deepseek_mini.kernels.mla_decode import mla_decode
+                out = mla_decode(q_latent[:, :, 0], q_pe[:, :, 0], c_kv[:, 0], k_pe[:, 0],
+                                 scale=self.softmax_scale)[:, :, None]
+            else:
+                q = torch.cat((q_latent, q_pe), dim=-1)
+                k = torch.cat((c_kv, k_pe), dim=-1)
+                out = scaled_dot_product_attention(q, k, c_kv, causal=True, scale=self.softmax_scale,
+                                                   return_weights=self.keep_attention)
             if self.keep_attention:
                 out = (torch.einsum("bhsr,hvr->bhsv", out[0], w_uv), out[1])
             else:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek_mini.kernels._checks import fusable
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
@@ -18,6 +20,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) "
                          f"to match the last dimension of x {tuple(x.shape)}")
+    if fusable(x, weight):  # CUDA -> the fused kernel in deepseek_mini/kernels/rmsnorm.py
+        from deepseek_mini.kernels.rmsnorm import rms_norm as fused_rms_norm
+        return fused_rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -28,6 +33,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up (the gated half of the MLP)."""
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if fusable(gate, up) and gate.dtype == up.dtype:  # CUDA -> deepseek_mini/kernels/swiglu.py
+        from deepseek_mini.kernels.swiglu import swiglu as fused_swiglu
+        return fused_swiglu(gate, up)
     return F.silu(gate) * up
 
 

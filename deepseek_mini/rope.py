@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from deepseek_mini.kernels._checks import fusable
+
 # The keys a `scaling` dict (HF `rope_scaling` / `rope_parameters`) may carry. Anything else is
 # refused rather than silently ignored, because it would change the math.
 _YARN_KEYS = {
@@ -127,7 +129,7 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float = 10000.0,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate x [batch, heads, seq, head_dim] by cos/sin [seq, head_dim//2] (the rows of x's positions).
 
-    The result keeps x's layout and dtype (the rotation itself runs in float32).
+    The result keeps x's layout and dtype (the rotation itself runs in at least float32).
     """
     if x.dim() != 4:
         raise ValueError(f"apply_rope: x must be [batch, heads, seq, head_dim], got shape {tuple(x.shape)}")
@@ -138,9 +140,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         if t.shape != (seq, head_dim // 2):
             raise ValueError(f"apply_rope: {name} has shape {tuple(t.shape)}, expected ({seq}, {head_dim // 2}) "
                              f"= (seq of x, head_dim//2)")
+    if fusable(x, cos, sin):  # CUDA -> the fused kernel in deepseek_mini/kernels/rope.py
+        from deepseek_mini.kernels.rope import apply_rope as fused_apply_rope
+        return fused_apply_rope(x, cos, sin, interleaved)
     dtype = x.dtype
-    x = x.float()
-    cos, sin = cos.float(), sin.float()
+    compute = torch.promote_types(dtype, torch.float32)  # float32 at least; float64 stays float64
+    x, cos, sin = x.to(compute), cos.to(compute), sin.to(compute)
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseek_mini import attention
+from deepseek_mini import attention, backend, rope
 from deepseek_mini.kernels import flash_attention as fa
 from deepseek_mini.kernels._checks import poison_empty
 from deepseek_mini.kernels.mla_decode import mla_decode
@@ -48,7 +48,8 @@ def _check_flash(B, Hq, Hkv, S, T, D, DV, causal, window, dtype, tol):
     scale = 0.7 * D ** -0.5  # not the default, so a kernel that ignores `scale` fails
     # reference in fp32 on the same (rounded) inputs
     leaves_ref = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
-    out_ref = attention.scaled_dot_product_attention(*leaves_ref, causal=causal, window=window, scale=scale)
+    with backend.forced("torch"):  # the reference, even where CUDA would pick the kernel
+        out_ref = attention.scaled_dot_product_attention(*leaves_ref, causal=causal, window=window, scale=scale)
     grads_ref = torch.autograd.grad(out_ref, leaves_ref, do.float())
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     with poison_empty():
@@ -86,7 +87,8 @@ def test_flash_attention_strided_inputs():
     B, S, H, D = 1, 21, 2, 16
     q, k, v = (torch.randn(B, S, H, D, device=DEVICE).transpose(1, 2) for _ in range(3))
     out = fa.flash_attention(q, k, v)
-    _assert_close(out, attention.scaled_dot_product_attention(q, k, v), 1e-5, "out")
+    with backend.forced("torch"):
+        _assert_close(out, attention.scaled_dot_product_attention(q, k, v), 1e-5, "out")
 
 
 def test_flash_attention_saves_only_lse():
@@ -126,8 +128,9 @@ def _reference_mla(q_latent, q_rope, kv, k_rope, scale, lens=None):
         n = kv.shape[1] if lens is None else int(lens[b])
         q = torch.cat((q_latent[b:b + 1], q_rope[b:b + 1]), -1).float()[:, :, None]
         k = torch.cat((kv[b:b + 1, :n], k_rope[b:b + 1, :n]), -1).float()[:, None]
-        outs.append(attention.scaled_dot_product_attention(q, k, kv[b:b + 1, :n].float()[:, None],
-                                                           causal=True, scale=scale)[:, :, 0])
+        with backend.forced("torch"):
+            outs.append(attention.scaled_dot_product_attention(q, k, kv[b:b + 1, :n].float()[:, None],
+                                                               causal=True, scale=scale)[:, :, 0])
     return torch.cat(outs)
 
 
@@ -173,6 +176,61 @@ def test_mla_decode_rejects_bad_input():
         mla_decode(q, qr, kv, kr, scale=0.1, cache_seqlens=torch.tensor([3.0, 4.0]))
     with pytest.raises(TypeError, match="q_latent is float32, q_rope is float16"):
         mla_decode(q, qr.half(), kv, kr, scale=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the library's attention modules take the kernels on the Triton backend
+# ----------------------------------------------------------------------------------------------
+
+def test_attention_module_dispatches_to_flash_attention():
+    torch.manual_seed(0)
+    mha = attention.MultiHeadAttention(32, n_heads=4, n_kv_heads=2, window=6)
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    cos, sin = rope.precompute_rope(8, 19)
+    with backend.forced("torch"):
+        expected = mha(x, cos, sin)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, mha.q_proj.weight])
+    with backend.forced("triton"):
+        out = mha(x, cos, sin)
+        grads = torch.autograd.grad(out.square().sum(), [x, mha.q_proj.weight])
+        q = torch.randn(1, 2, 5, 8, requires_grad=True)
+        fused = attention.scaled_dot_product_attention(q, q, q)
+    assert type(fused.grad_fn).__name__ == "FlashAttentionFunctionBackward"
+    _assert_close(out, expected, 1e-5, "MultiHeadAttention output")
+    for g, g_ref in zip(grads, expected_grads):
+        _assert_close(g, g_ref, 1e-5, "MultiHeadAttention grads")
+
+
+def test_absorbed_mla_decode_uses_the_kernel_and_matches_naive(monkeypatch):
+    torch.manual_seed(0)
+    mla = attention.MultiHeadLatentAttention(dim=48, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                                             qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=24)
+    x = torch.randn(2, 13, 48)
+    cos, sin = rope.precompute_rope(8, 13)
+    import deepseek_mini.kernels.mla_decode as mla_module
+
+    calls, original = [], mla_module.mla_decode
+
+    def counting(*args, **kwargs):  # records the cache each call reads, then runs the kernel
+        calls.append(args[2].shape)
+        return original(*args, **kwargs)
+
+    def generate(absorb):
+        """Prefill 10 tokens, then decode 3 one at a time; the outputs of the decode steps."""
+        cache, outs = attention.KVCache(), []
+        mla(x[:, :10], cos[:10], sin[:10], cache=cache, absorb=absorb)
+        for t in range(10, 13):
+            outs.append(mla(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache=cache, absorb=absorb))
+        return torch.cat(outs, 1)
+
+    with torch.no_grad():
+        with backend.forced("torch"):
+            expected = generate(absorb=False)
+        monkeypatch.setattr(mla_module, "mla_decode", counting)
+        with backend.forced("triton"):
+            got = generate(absorb=True)
+    assert calls == [(2, 11, 32), (2, 12, 32), (2, 13, 32)]  # one kernel call per decode step
+    _assert_close(got, expected, 1e-5, "absorbed MLA decode")
 
 
 @pytest.mark.parametrize("script", ["bench_attention.py", "bench_mla_decode.py", "run_all.py"])

@@ -33,8 +33,9 @@ def _check_rmsnorm(shape, dtype, weight_dtype=None, eps=1e-6, device=DEVICE, gra
     w = (1 + 0.3 * torch.randn(shape[-1], device=device)).to(weight_dtype or dtype)
     dy = torch.randn(shape, device=device).to(torch.promote_types(dtype, w.dtype))
     x_ref, w_ref = _leaves(x, w)
-    y_ref = layers.rms_norm(x_ref.float(), w_ref.float(), eps).to(dy.dtype) if dtype == torch.bfloat16 \
-        else layers.rms_norm(x_ref, w_ref, eps)
+    with backend.forced("torch"):  # the reference, even where CUDA would pick the kernel
+        y_ref = layers.rms_norm(x_ref.float(), w_ref.float(), eps).to(dy.dtype) if dtype == torch.bfloat16 \
+            else layers.rms_norm(x_ref, w_ref, eps)
     y_ref.backward(dy)
     x_k, w_k = _leaves(x, w)
     with poison_empty():
@@ -72,9 +73,11 @@ def test_rmsnorm_rejects_bad_input():
 
 def test_rmsnorm_strided_input_through_public_function():
     # a column slice (as MLA slices the latent out of kv_a_proj's output) is not contiguous
-    full = torch.randn(6, 40)
-    x, w = full[:, :32], torch.randn(32)
-    torch.testing.assert_close(rmsnorm_kernel.rms_norm(x, w), layers.rms_norm(x, w), **TOL[torch.float32])
+    full = torch.randn(6, 40, device=DEVICE)
+    x, w = full[:, :32], torch.randn(32, device=DEVICE)
+    with backend.forced("torch"):
+        expected = layers.rms_norm(x, w)
+    torch.testing.assert_close(rmsnorm_kernel.rms_norm(x, w), expected, **TOL[torch.float32])
 
 
 def _check_swiglu(shape, dtype, device=DEVICE):
@@ -82,12 +85,12 @@ def _check_swiglu(shape, dtype, device=DEVICE):
     up = torch.randn(shape, device=device).to(dtype)
     dy = torch.randn(shape, device=device).to(dtype)
     g_ref, u_ref = _leaves(gate, up)
-    if dtype == torch.bfloat16:  # compare with an fp32 reference: eager bf16 rounds twice
-        y_ref = layers.swiglu(g_ref.float(), u_ref.float())
-        y_ref.backward(dy.float())
-    else:
-        y_ref = layers.swiglu(g_ref, u_ref)
-        y_ref.backward(dy)
+    with backend.forced("torch"):
+        if dtype == torch.bfloat16:  # compare with an fp32 reference: eager bf16 rounds twice
+            y_ref = layers.swiglu(g_ref.float(), u_ref.float())
+        else:
+            y_ref = layers.swiglu(g_ref, u_ref)
+    y_ref.backward(dy.to(y_ref.dtype))
     g_k, u_k = _leaves(gate, up)
     with poison_empty():
         y_k = swiglu_kernel.swiglu(g_k, u_k)
@@ -110,6 +113,24 @@ def test_swiglu_rejects_bad_input():
         swiglu_kernel.swiglu_forward(g, torch.randn(4, 9))
     with pytest.raises(TypeError, match="gate is float32, up is float16"):
         swiglu_kernel.swiglu_forward(g, g.half())
+
+
+def test_layers_dispatch_to_the_kernels_on_the_triton_backend():
+    # the library's own functions (and so RMSNorm / MLP modules) take the fused path
+    mlp, norm = layers.MLP(24, 40), layers.RMSNorm(24)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    with backend.forced("torch"):
+        expected = mlp(norm(x))
+    with backend.forced("triton"):
+        h = layers.rms_norm(x, norm.weight)
+        a = layers.swiglu(mlp.gate_proj(h), mlp.up_proj(h))
+        out = mlp(norm(x))
+    assert type(h.grad_fn).__name__ == "RMSNormFunctionBackward"
+    assert type(a.grad_fn).__name__ == "SwiGLUFunctionBackward"
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    # float64 (gradcheck) stays on the reference: the kernels take fp16/bf16/fp32
+    with backend.forced("triton"):
+        assert "RMSNorm" not in type(layers.rms_norm(x.double(), norm.weight.double()).grad_fn).__name__
 
 
 def test_benchmark_script_says_it_needs_cuda():

@@ -7,7 +7,7 @@ is not a power of two), fp32 and fp16, forward and backward, with NaN-poisoned o
 import pytest
 import torch
 
-from deepseek_mini import rope
+from deepseek_mini import backend, rope
 from deepseek_mini.kernels import rope as rope_kernel
 from deepseek_mini.kernels._checks import poison_empty
 
@@ -26,7 +26,8 @@ def _check(shape, dtype, interleaved, scaling=None, transposed=False, start=0):
         x = torch.randn(shape, device=DEVICE).to(dtype)
     dy = torch.randn(shape, device=DEVICE).to(dtype)
     x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = rope.apply_rope(x_ref, cos, sin, interleaved)
+    with backend.forced("torch"):  # the reference, even where CUDA would pick the kernel
+        y_ref = rope.apply_rope(x_ref, cos, sin, interleaved)
     y_ref.backward(dy)
     x_k = x.detach().clone().requires_grad_(True)
     with poison_empty():
@@ -61,6 +62,16 @@ def test_rope_layouts_differ():
     x = torch.randn(1, 1, 4, 8, device=DEVICE)
     cos, sin = (t.to(DEVICE) for t in rope.precompute_rope(8, 4))
     assert not torch.allclose(rope_kernel.apply_rope(x, cos, sin, True), rope_kernel.apply_rope(x, cos, sin, False))
+
+
+def test_rope_dispatches_to_the_kernel_on_the_triton_backend():
+    x = torch.randn(1, 2, 6, 8, requires_grad=True)
+    cos, sin = rope.precompute_rope(8, 6)
+    with backend.forced("triton"):
+        y = rope.apply_rope(x, cos, sin, True)
+    assert type(y.grad_fn).__name__ == "RoPEFunctionBackward"
+    with backend.forced("torch"):
+        torch.testing.assert_close(y, rope.apply_rope(x, cos, sin, True), **TOL[torch.float32])
 
 
 def test_rope_rejects_bad_input():

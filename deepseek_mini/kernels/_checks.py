@@ -12,6 +12,15 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def fusable(*tensors) -> bool:
+    """Should the library hand these tensors to a fused kernel? Yes on the Triton backend
+    (CUDA tensors, or forced; see deepseek_mini.backend) when every tensor has a dtype the
+    kernels take; anything else (float64 for gradcheck, say) stays on the reference."""
+    from deepseek_mini import backend
+
+    return backend.use_triton(*tensors) and all(t.dtype in FLOAT_DTYPES for t in tensors)
+
+
 def check_tensor(op, name, t, *, ndim=None, shape=None, dtypes=FLOAT_DTYPES, contiguous=True):
     """Raise a clear error unless `t` is a tensor of the expected rank, shape, dtype and layout.
 

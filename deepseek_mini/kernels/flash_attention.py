@@ -411,7 +411,11 @@ class FlashAttentionFunction(torch.autograd.Function):
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Fused, differentiable attention; same contract as
-    `deepseek_mini.attention.scaled_dot_product_attention` (without `return_weights`)."""
+    `deepseek_mini.attention.scaled_dot_product_attention` (without `return_weights`).
+    Inputs whose last dimension is strided are copied to contiguous; other strides are free."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(OP, name, t, contiguous=False)
+    q, k, v = (t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return FlashAttentionFunction.apply(q, k, v, causal, window, scale)
 
 

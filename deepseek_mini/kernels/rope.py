@@ -91,7 +91,10 @@ class RoPEFunction(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Fused, differentiable RoPE; same contract as `deepseek_mini.rope.apply_rope`.
-    cos/sin [seq, head_dim//2] are made contiguous (they are small tables)."""
-    check_tensor(OP, "cos", cos, contiguous=False)
-    check_tensor(OP, "sin", sin, contiguous=False)
+    cos/sin [seq, head_dim//2] are made contiguous (they are small tables), and so is x when
+    its last dimension is strided (other strides the kernel takes as they are)."""
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        check_tensor(OP, name, t, contiguous=False)
+    if x.dim() and x.stride(-1) != 1:
+        x = x.contiguous()
     return RoPEFunction.apply(x, cos.contiguous(), sin.contiguous(), bool(interleaved))
