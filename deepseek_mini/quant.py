@@ -382,6 +382,16 @@ class QuantLinear(nn.Module):
             return kernels.int8_matmul(x, self.weight, self.weight_scale, getattr(self, "weight_zero_point", None), bias)
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) would also cast the codes (float8 counts as a float
+        # dtype) and the float32 scales: let them follow device moves but keep their dtype
+        saved = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            if self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
     def extra_repr(self) -> str:
         detail = {"int4": f", group_size={self.group_size}", "fp8": f", block_size={self.block_size}"}
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -355,3 +355,19 @@ def test_quantlinear_dispatches_to_triton_kernel_with_same_result(scheme, kernel
     assert calls == [1]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8-asym", "int4", "fp8"])
+def test_model_dtype_cast_keeps_quantized_buffers(scheme):
+    """model.to(torch.bfloat16) casts the float parameters (bias) but must leave the codes and
+    the float32 scales alone: casting fp8 codes would break dequantization, and bf16 scales
+    would add error."""
+    layer = QuantLinear.from_linear(nn.Linear(64, 32), scheme, group_size=32)
+    before = {k: v.clone() for k, v in layer.named_buffers()}
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    for name, b in layer.named_buffers():
+        assert b.dtype == before[name].dtype and torch.equal(b, before[name]), name
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), layer.dequantize_weight(), layer.bias.float())
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
