@@ -31,16 +31,43 @@ CASES = [
 ]
 
 
-def sdpa_flash(causal, window, group):
-    """PyTorch SDPA restricted to its flash backend. It has no sliding window: for a window
-    case it runs full causal attention (more work; the note under the table says so)."""
+def sdpa(causal, enable_gqa, flash_only=True):
+    """PyTorch SDPA restricted to its flash backend (or, flash_only=False, whichever backend
+    PyTorch picks). It has no sliding window: for a window case it runs full causal attention
+    (more work; the note under the table says so)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run(q, k, v):
+        if not flash_only:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
 
     return run
+
+
+def time_sdpa(inputs, causal, group, notes, name):
+    """SDPA flash timings. GQA goes through enable_gqa when the flash backend takes it, else
+    through K/V repeated per query head. Where the flash backend refuses the case (e.g. q/k and
+    v head dims differ, as in MLA) the peer is SDPA's own choice of backend, and a note says so."""
+    q, k, v = inputs
+    attempts = [(sdpa(causal, group > 1), inputs)]
+    if group > 1:
+        expanded = [t.detach().repeat_interleave(group, 1).requires_grad_(True) for t in (k, v)]
+        attempts.append((sdpa(causal, False), (q, *expanded)))
+    error = None
+    for fn, args in attempts:
+        try:
+            return bench_fwd_bwd(fn, args)
+        except RuntimeError as e:
+            error = e
+    notes.append(f"{name}: SDPA flash backend refused it ({str(error).splitlines()[0][:100]}); "
+                 "the peer is SDPA with its default backend choice")
+    try:
+        return bench_fwd_bwd(sdpa(causal, group > 1, flash_only=False), inputs)
+    except RuntimeError as e:
+        notes.append(f"{name}: SDPA failed too ({str(e).splitlines()[0][:100]})")
+        return None
 
 
 def main():
@@ -58,11 +85,7 @@ def main():
 
         inputs = make()
         ours = bench_fwd_bwd(lambda q, k, v: flash_attention(q, k, v, causal=causal, window=window), inputs)
-        try:
-            peer = bench_fwd_bwd(sdpa_flash(causal, window, Hq // Hkv), inputs)
-        except RuntimeError as e:  # e.g. the flash backend refuses D != Dv or this head size
-            peer = None
-            notes.append(f"{name}: SDPA flash backend unavailable ({str(e).splitlines()[0][:120]})")
+        peer = time_sdpa(inputs, causal, Hq // Hkv, notes, name)
         fwd_flops = flops(B, Hq, S, S, D, DV, causal, window)
         for i, pass_name in enumerate(("fwd", "bwd")):
             work = fwd_flops * (1 if pass_name == "fwd" else 2.5)

@@ -32,10 +32,9 @@ OP = "flash_attention"
 
 
 @triton.jit
-def _band_mask(offs_m, offs_n, q_offset, T, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """True where query row offs_m (absolute position offs_m + q_offset) may see key offs_n."""
-    q_pos = offs_m[:, None] + q_offset
-    k_pos = offs_n[None, :]
+def _band_mask(q_pos, k_pos, T, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """True where the query at absolute position q_pos may see the key at k_pos (two index
+    tensors that broadcast: [M, 1] and [1, N], or [1, M] and [N, 1] for the transposed tile)."""
     mask = k_pos < T
     if CAUSAL:
         mask = mask & (k_pos <= q_pos)
@@ -101,7 +100,8 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         if HAS_WINDOW:
             straddles = straddles | (start_n <= last_q - window)
         if straddles:
-            s = tl.where(_band_mask(offs_m, kn, q_offset, T, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+            s = tl.where(_band_mask(offs_m[:, None] + q_offset, kn[None, :], T, window, CAUSAL, HAS_WINDOW),
+                         s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -193,7 +193,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             # transposed scores s^T [BLOCK_N, BLOCK_M], so dV and dK come out without transposes
             s_t = tl.dot(k, tl.trans(q)) * qk_scale
             p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
-            visible = tl.trans(_band_mask(offs_m, offs_n, q_offset, T, window, CAUSAL, HAS_WINDOW)) & row_ok[None, :]
+            visible = _band_mask(offs_m[None, :] + q_offset, offs_n[:, None], T, window, CAUSAL, HAS_WINDOW)
+            visible = visible & row_ok[None, :]
             p_t = tl.where(visible, p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
@@ -258,7 +259,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        p = tl.where(_band_mask(offs_m, kn, q_offset, T, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        p = tl.where(_band_mask(offs_m[:, None] + q_offset, kn[None, :], T, window, CAUSAL, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
