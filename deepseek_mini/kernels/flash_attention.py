@@ -19,7 +19,8 @@ over the Hq/Hkv query heads sharing that key head, so GQA needs no reduction aft
 per query block accumulates dQ over the key blocks.
 
 Inputs may be strided views (e.g. [B, S, H, D].transpose(1, 2)) with a dense last dimension.
-On a GPU block sizes are autotuned; the interpreter (CPU) uses one small configuration.
+On a GPU block sizes are autotuned (the kernels' `size_bucket` argument is never read inside:
+it is the autotuner's key); the interpreter (CPU) uses one small configuration.
 """
 
 import torch
@@ -46,7 +47,7 @@ def _band_mask(q_pos, k_pos, T, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.con
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      sqb, sqh, sqs, skb, skh, skt, svb, svh, svt,
-                     n_q_heads, group, S, T, D, DV, scale, window,
+                     n_q_heads, group, S, T, D, DV, scale, window, size_bucket,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -141,7 +142,7 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, sdb, sdh, sds, n_q_heads, S
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                           sqb, sqh, sqs, skb, skh, skt, svb, svh, svt, sdb, sdh, sds,
-                          n_q_heads, n_kv_heads, group, S, T, D, DV, scale, window,
+                          n_q_heads, n_kv_heads, group, S, T, D, DV, scale, window, size_bucket,
                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -211,7 +212,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         sqb, sqh, sqs, skb, skh, skt, svb, svh, svt, sdb, sdh, sds,
-                        n_q_heads, group, S, T, D, DV, scale, window,
+                        n_q_heads, group, S, T, D, DV, scale, window, size_bucket,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -278,7 +279,8 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 def _gpu_configs(block_d, kind):
     if kind == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+        # the last two are for decode (a handful of queries): big query blocks would be idle rows
+        shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)]
     else:
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
     configs = []
@@ -297,11 +299,17 @@ def _launcher(kernel, kind, block_d):
     key = (id(kernel), block_d)
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d, kind),
-                                      key=["S", "T", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_WINDOW"])(kernel)
+                                      key=["size_bucket", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_WINDOW"])(kernel)
     return _TUNED[key]
 
 
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _size_bucket(S, T):
+    """The autotuning key for the sequence sizes: powers of two of S and T. Keying on the exact
+    sizes would re-tune at every generation step (T grows by one each time)."""
+    return 64 * (S - 1).bit_length() + (T - 1).bit_length()
 
 
 def _launch(kernel, kind, grid_len, grid_heads, ref, block_d, *args, **constexprs):
@@ -356,13 +364,14 @@ def flash_attention_forward(q, k, v, causal=True, window=None, scale=None):
     """Launch the forward kernel. Returns (out [B, Hq, S, Dv] contiguous, lse [B, Hq, S] float32)."""
     _check_inputs(q, k, v, causal, window)
     B, Hq, Hkv, S, T, D, DV, scale, flags = _common(q, k, v, causal, window, scale)
+    bucket = _size_bucket(S, T)
     out = torch.empty(B, Hq, S, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     _launch(_attn_fwd_kernel, "fwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, flags["BLOCK_D"],
             q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, **flags)
+            v.stride(0), v.stride(1), v.stride(2), Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     return out, lse
 
 
@@ -373,6 +382,7 @@ def flash_attention_backward(do, q, k, v, out, lse, causal=True, window=None, sc
     check_tensor(OP, "grad_out", do, shape=(B, Hq, S, DV), dtypes=(q.dtype,), contiguous="last")
     check_tensor(OP, "out", out, shape=(B, Hq, S, DV), dtypes=(q.dtype,))
     check_tensor(OP, "lse", lse, shape=(B, Hq, S), dtypes=(torch.float32,))
+    bucket = _size_bucket(S, T)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -386,9 +396,9 @@ def flash_attention_backward(do, q, k, v, out, lse, causal=True, window=None, sc
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     _launch(_attn_bwd_dkdv_kernel, "bwd", lambda meta: triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, q, flags["BLOCK_D"],
-            q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, Hq // Hkv, S, T, D, DV, scale, window or 0, **flags)
+            q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     _launch(_attn_bwd_dq_kernel, "bwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, flags["BLOCK_D"],
-            q, k, v, do, lse, delta, dq, *strides, Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, **flags)
+            q, k, v, do, lse, delta, dq, *strides, Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     return dq, dk, dv
 
 

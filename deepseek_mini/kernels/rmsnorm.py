@@ -92,15 +92,17 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     check_tensor(OP, "rstd", rstd, shape=(n_rows,), dtypes=(torch.float32,))
+    block, num_warps = _launch_config(n_cols)
     if x.is_cuda:
-        n_programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+        # enough rows in flight to cover memory latency: several programs per SM for short rows
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        n_programs = sms * max(1, 8192 // block)
     else:
         n_programs = 4  # the interpreter runs programs one after another; few is fastest
     n_programs = max(1, min(n_programs, n_rows))
     rows_per_program = triton.cdiv(n_rows, n_programs)
     dx = torch.empty_like(x)
     dw_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
-    block, num_warps = _launch_config(n_cols)
     if n_rows > 0:
         _rmsnorm_bwd_kernel[(n_programs,)](dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols,
                                            rows_per_program, BLOCK=block, num_warps=num_warps)
