@@ -69,6 +69,7 @@ class LoRALinear(nn.Module):
         # A like nn.Linear's default init (uniform, bound 1/sqrt(in)), B = 0: starts as the base
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        self.weight_is_shared = False  # set by inject_lora when W is tied to another module
 
     @property
     def weight(self) -> torch.Tensor:
@@ -96,6 +97,9 @@ class LoRALinear(nn.Module):
         if isinstance(self.base, QuantLinear):
             raise TypeError(f"cannot {action} into a quantized base exactly (the sum would be re-quantized); "
                             "dequantize the base into an nn.Linear first")
+        if self.weight_is_shared:
+            raise RuntimeError(f"cannot {action}: this layer's weight is tied to another module (e.g. lm_head "
+                               "and embed_tokens), which would change too; keep the adapter unmerged")
 
     @torch.no_grad()
     def merge(self):
@@ -146,9 +150,15 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
         if not isinstance(m, (nn.Linear, QuantLinear)):
             raise TypeError(f"module {name!r} matches target_modules but is a {type(m).__name__}; "
                             "LoRA here adapts nn.Linear and QuantLinear layers only")
+    uses = {}  # how many modules hold each parameter (tied weights are held by two)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
     model.requires_grad_(False)
     for name, m in matches:
-        _set_module(model, name, LoRALinear(m, r, alpha, dropout, use_rslora))
+        layer = LoRALinear(m, r, alpha, dropout, use_rslora)
+        layer.weight_is_shared = isinstance(m.weight, nn.Parameter) and uses[id(m.weight)] > 1
+        _set_module(model, name, layer)
     return model
 
 

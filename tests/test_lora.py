@@ -325,3 +325,51 @@ def test_lora_linear_dispatches_to_fused_kernel_with_same_result(monkeypatch):
     assert calls == [1]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_weight_is_never_merged():
+    """A LoRA on an lm_head tied to the embedding must not merge: W += BA would change the
+    embedding too."""
+    from deepseek_mini.model import DeepseekConfig, DeepseekModel
+
+    model = DeepseekModel(DeepseekConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, n_routed_experts=None,
+                                         q_lora_rank=8, kv_lora_rank=8, tie_word_embeddings=True))
+    embedding = model.embed_tokens.weight.clone()
+    inject_lora(model, ["lm_head", "o_proj"])
+    assert model.lm_head.weight_is_shared and not model.layers[0].self_attn.o_proj.weight_is_shared
+    with pytest.raises(RuntimeError, match="tied to another module"):
+        merge_lora(model)
+    assert torch.equal(model.embed_tokens.weight, embedding)
+
+
+def test_lora_with_gradient_checkpointing_and_qlora_on_our_model():
+    """Our DeepseekModel: LoRA gradients are the same with activation checkpointing on, and
+    QLoRA (int4 base, adapters on MLA projections) trains with the model's own loss."""
+    ids = torch.randint(0, 64, (2, 9))
+    model = inject_lora(tiny_deepseek_mini(), DEEPSEEK_TARGETS, r=4, alpha=8).train()
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
+
+    model = tiny_deepseek_mini().train()
+    report = quantize_model(model, "int4", group_size=16, skip=["lm_head"])
+    assert {r.name.rsplit(".", 1)[-1] for r in report} >= set(DEEPSEEK_TARGETS)
+    inject_lora(model, DEEPSEEK_TARGETS, r=4, alpha=8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    assert all(isinstance(m.base, QuantLinear) for m in lora_layers(model).values())
