@@ -80,6 +80,12 @@ def test_fused_moe_fp32_gate_weights_with_fp16_activations():
     _check_against_reference(10, 32, 24, 4, 2, torch.float16, weight_dtype=torch.float32)
 
 
+def test_fused_moe_accepts_int32_expert_ids():
+    x, idx, w, gate, up, down = _problem(9, 32, 24, 4, 2, torch.float32)
+    expected = moe.routed_experts(x, idx, w, gate, up, down)
+    torch.testing.assert_close(fm.fused_moe(x, idx.int(), w, gate, up, down), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_moe_align_groups_pairs_by_expert_and_pads():
     idx = torch.tensor([[2, 0], [2, 3], [0, 2], [3, 2], [2, 0]])
     num_pairs, block_m, num_experts = idx.numel(), 4, 5

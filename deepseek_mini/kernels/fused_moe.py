@@ -57,9 +57,10 @@ def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int):
     P is the worst case N*K + E*(block_m - 1) rounded up to block_m, so no value has to be read
     back to the host (the real padded length is expert_offsets[-1]).
     """
-    flat = topk_idx.reshape(-1)
+    flat = topk_idx.reshape(-1).long()
     num_pairs, device = flat.numel(), flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
+    # rows per expert (index_add rather than bincount: bincount reads its max back to the host)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).index_add_(0, flat, torch.ones_like(flat))
     padded_counts = (counts + block_m - 1) // block_m * block_m
     expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     expert_offsets[1:] = torch.cumsum(padded_counts, 0)
@@ -259,6 +260,8 @@ def gate_up_swiglu(x, gate_proj, up_proj, align, top_k, *, save=True, out=None, 
             check_tensor(OP, name, t, shape=(num_pairs, inter), dtypes=(x.dtype,))
     block_m = sorted_ids.numel() // block_expert.numel()
     block_n, block_k, warps, stages = _tile(inter, dim)
+    if not _interpreting() and block_m * block_n >= 64 * 128:
+        warps = 8  # two fp32 accumulators (gate and up) per program: spread them over more threads
     grid = (block_expert.numel(), triton.cdiv(inter, block_n))
     _grouped_gemm_kernel[grid](
         x, gate_proj, up_proj, gate if save else h, up if save else h, h, h, sorted_ids, block_expert,

@@ -1,0 +1,105 @@
+"""Fused LoRA linear (base matmul + low-rank path in one kernel) against peft.
+
+Peer, on the same weights and inputs in the same run: peft's `lora.Linear` wrapping an
+nn.Linear (what `get_peft_model` injects): base(x) + lora_B(lora_A(dropout(x))) * scaling with
+dropout 0, i.e. three cuBLAS matmuls and two elementwise passes. Training setting: the base
+weight is frozen, x and the adapters get gradients. FLOPs: forward 2*M*in*out + 2*M*r*(in+out);
+backward 2*M*in*out (dx) + 4*M*r*(in+out) (dx's low-rank term, dA, dB).
+Target (issue 5): fused forward + backward >= 1.3x peft.
+
+Run: python benchmarks/bench_lora.py   (needs CUDA)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common import bench_fwd_bwd, peak_tflops, print_table, require_cuda, tflops, verdict  # noqa: E402
+
+DEVICE = "cuda"  # every script times GPU kernels; require_cuda() exits cleanly without one
+
+TARGET = 1.3  # x peft, forward + backward
+
+# (tokens, in, out, rank, alpha)
+CASES = [
+    (4096, 4096, 4096, 16, 32),
+    (8192, 4096, 4096, 16, 32),
+    (4096, 4096, 11008, 16, 32),
+    (4096, 7168, 1536, 64, 128),  # DeepSeek-V3's q_a_proj shape
+    (512, 4096, 4096, 16, 32),
+]
+
+
+class _One(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_layer(d_in, d_out, rank, alpha, dtype=torch.bfloat16, device=DEVICE):
+    """A peft-wrapped linear with a nonzero lora_B (freshly initialised B is 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_One(d_in, d_out), LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                         target_modules=["proj"]))
+    model = model.to(device=device, dtype=dtype)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.02)
+    return model, layer
+
+
+def main():
+    require_cuda("bench_lora.py")
+    from deepseek_mini.kernels.fused_lora import fused_lora_linear
+
+    peak = peak_tflops()
+    headers = ["tokens", "in x out", "rank", "pass", "fused ms", "peft ms", "speedup",
+               "fused TFLOP/s", "of peak", "target", "result"]
+    rows = []
+    for m, d_in, d_out, rank, alpha in CASES:
+        model, layer = peft_layer(d_in, d_out, rank, alpha)
+        weight = layer.base_layer.weight  # frozen by peft
+        lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        scaling = layer.scaling["default"]
+        x = torch.randn(m, d_in, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+
+        y_peft = model(x)
+        y_ours = fused_lora_linear(x, weight, None, lora_A, lora_B, scaling)
+        err = (y_ours.float() - y_peft.float()).abs().max().item()
+        if not err <= 2e-2 * y_peft.float().abs().max().item():
+            raise SystemExit(f"bench_lora.py: fused output disagrees with peft (max error {err:.3g})")
+
+        inputs = [x, lora_A, lora_B]
+        t_ours = bench_fwd_bwd(lambda x_, a_, b_: fused_lora_linear(x_, weight, None, a_, b_, scaling), inputs)
+        t_peft = bench_fwd_bwd(lambda x_, a_, b_: model(x_), inputs)
+        low_rank = 2 * m * rank * (d_in + d_out)
+        flops = (2 * m * d_in * d_out + low_rank, 2 * m * d_in * d_out + 2 * low_rank)
+        for p, pass_name in enumerate(("fwd", "bwd")):
+            tf = tflops(flops[p], t_ours[p])
+            rows.append([m, f"{d_in}x{d_out}", rank, pass_name, t_ours[p], t_peft[p], f"{t_peft[p] / t_ours[p]:.2f}x",
+                         tf, f"{tf / peak:.0%}", "", ""])
+        total_ours, total_peft = sum(t_ours), sum(t_peft)
+        tf = tflops(sum(flops), total_ours)
+        rows.append([m, f"{d_in}x{d_out}", rank, "fwd+bwd", total_ours, total_peft, f"{total_peft / total_ours:.2f}x",
+                     tf, f"{tf / peak:.0%}", f">= {TARGET}x", verdict(total_peft / total_ours, TARGET)])
+        del model, layer, x, inputs
+        torch.cuda.empty_cache()
+    print_table("Fused LoRA linear (bf16) vs peft lora.Linear", headers, rows, notes=[
+        f"Measured peak: {peak:.0f} TFLOP/s (cuBLAS bf16, 8192^3).",
+        "The fused kernel saves the second read of x, the write + re-read of the base output and two "
+        "launches; the base matmul itself is the same work. Where the target is missed, compare the "
+        "fwd row's TFLOP/s with the peak: the base GEMM (one fixed Triton tile config against cuBLAS) "
+        "is the expected limit, plus the low-rank product recomputed per output column tile "
+        "(rank / BLOCK_N extra work)."])
+
+
+if __name__ == "__main__":
+    main()
