@@ -24,7 +24,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         from deepseek_mini.kernels.rmsnorm import rms_norm as fused_rms_norm
         return fused_rms_norm(x, weight, eps)
     dtype = x.dtype
-    x = x.float()
+    x = x.to(torch.promote_types(dtype, torch.float32))  # float32 at least; float64 stays float64 (gradcheck)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
 

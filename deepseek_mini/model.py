@@ -130,7 +130,7 @@ class DeepseekConfig:
 
     @classmethod
     def deepseek_v3(cls) -> "DeepseekConfig":
-        """DeepSeek-V3 / R1 (671B total, 37B active; MTP module not included)."""
+        """DeepSeek-V3 / R1 (671B total, 37B active; the extra multi-token-prediction module is not included)."""
         return cls(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
                    num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
@@ -265,8 +265,9 @@ class DeepseekModel(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         # position t predicts token t+1; -100 marks positions to skip
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+        shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # bf16 logits: loss in fp32
+        loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
         aux = [layer.mlp.gate.aux_loss for layer in self.layers
                if isinstance(layer.mlp, MoE) and layer.mlp.gate.aux_loss is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
@@ -392,3 +393,7 @@ def kv_cache_table(configs: dict[str, DeepseekConfig] | None = None, gqa_kv_head
                 nbytes = kv_cache_bytes_per_token(kind, n_kv_heads=gqa_kv_heads, **common)
             rows.append(f"| {name} | {label} | {what} | {nbytes / 1024:,.1f} | {nbytes / mha:.3f} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m deepseek_mini.model  -> the table in docs/kv_cache.md
+    print(kv_cache_table())

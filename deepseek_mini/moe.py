@@ -121,8 +121,9 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"Gate: x must be [tokens, {self.weight.shape[1]}], got {tuple(x.shape)}")
-        # Routing decisions are made in float32 whatever the model dtype.
-        logits = F.linear(x.float(), self.weight.float())
+        # Routing decisions are made in float32 (or float64) whatever the model dtype.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(compute), self.weight.to(compute))
         scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
         N, E, G = x.shape[0], self.n_experts, self.n_group
 
