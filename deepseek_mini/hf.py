@@ -182,7 +182,13 @@ _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint lists its files
+        files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"load_pretrained: no *.safetensors file in {path}")
     tensors = {}

@@ -121,7 +121,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing = True
+    model.gradient_checkpointing_enable()
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
         if n in plain:

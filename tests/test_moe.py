@@ -173,3 +173,10 @@ def test_moe_layer_and_fused_kernel_path():
     assert idx.shape == (10, 2)
     with backend.forced("triton"):  # Triton interpreter on CPU
         torch.testing.assert_close(moe(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_layer_gradcheck_float64():
+    moe = MoE(6, 4, n_routed_experts=4, n_shared_experts=1, top_k=2, n_group=2, topk_group=1).double()
+    x = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    # gradients reach x through the experts and through the gate weights (routing itself is discrete)
+    assert torch.autograd.gradcheck(moe, (x,))

@@ -103,3 +103,10 @@ def test_bad_inputs_name_the_problem():
         precompute_rope(8, 4, scaling={"rope_type": "longrope", "factor": 2.0})
     with pytest.raises(ValueError, match="unsupported yarn field"):
         precompute_rope(8, 4, scaling={"rope_type": "yarn", "factor": 2.0, "low_freq_factor": 1.0})
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_gradcheck_float64(interleaved):
+    cos, sin = precompute_rope(6, 4, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2})
+    x = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos, sin, interleaved), (x,))
