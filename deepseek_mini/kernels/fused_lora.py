@@ -30,9 +30,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _configs():
+    """GEMM tiles to autotune on a GPU; one fixed config in the interpreter, which cannot time
+    kernels (a single-config autotuner launches it without benchmarking)."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
+                                       (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS"])
 @triton.jit
 def _lora_matmul_kernel(
     p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, t_ptr, M, N, K, R, scaling,
+    M_BUCKET,  # next power of two of M: the autotuning key
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lk, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on, stride_tm, stride_tr,
     HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, UPCAST: tl.constexpr,
@@ -83,15 +95,6 @@ def _lora_matmul_kernel(
                  t_in.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :] & (pid_n == 0))
 
 
-def _tiles(m: int, n: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); one config in the interpreter."""
-    if _interpreting():
-        return 16, 32, 32, 4, 1
-    if m <= 64:
-        return 64, 64, 64, 4, 4
-    return 128, 128, 64, 8, 3
-
-
 def lora_matmul(p, q, lo, r, scaling, bias=None, *, out=None, t_out=None):
     """Launch the fused kernel on matrix views: returns (out [M, N], t [M, rank]) with
     out = p @ q + scaling * (p @ lo) @ r (+ bias) and t = p @ lo rounded to p's dtype.
@@ -118,17 +121,17 @@ def lora_matmul(p, q, lo, r, scaling, bias=None, *, out=None, t_out=None):
         t_out = torch.empty(m, rank, dtype=p.dtype, device=p.device)
     check_tensor(OP, "out", out, shape=(m, n), dtypes=(p.dtype,))
     check_tensor(OP, "t_out", t_out, shape=(m, rank), dtypes=(p.dtype,))
-    block_m, block_n, block_k, warps, stages = _tiles(m, n)
-    block_r = max(16, triton.next_power_of_2(rank))
+    block_r = max(16, triton.next_power_of_2(rank))  # tl.dot needs >= 16 along each dimension
     if m and n:
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
         _lora_matmul_kernel[grid](
             p, q, lo, r, bias if bias is not None else p, out, t_out, m, n, k, rank, float(scaling),
+            triton.next_power_of_2(m),
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), lo.stride(0), lo.stride(1),
             r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_out.stride(0), t_out.stride(1),
-            HAS_BIAS=bias is not None, STORE_T=True, UPCAST=_interpreting(),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-            num_warps=warps, num_stages=stages)
+            HAS_BIAS=bias is not None, STORE_T=True, UPCAST=_interpreting(), BLOCK_R=block_r)
     return out, t_out
 
 

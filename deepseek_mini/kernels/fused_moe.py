@@ -40,6 +40,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _configs(gpu, interpreter):
+    """Autotuning candidates on a GPU; one fixed config in the interpreter, which cannot time
+    kernels (a single-config autotuner launches it without benchmarking)."""
+    if _interpreting():
+        return [triton.Config(interpreter, num_warps=4, num_stages=1)]
+    return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in gpu]
+
+
+# BLOCK_M is not tuned: it is the padding unit of moe_align, chosen from the rows per expert
+_GEMM_CONFIGS = _configs([({"BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
+                          [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                           (128, 128, 8, 3), (256, 64, 8, 3)]],
+                         {"BLOCK_N": 32, "BLOCK_K": 32})
+_WGRAD_CONFIGS = _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, w, st) for bm, bn, br, w, st in
+                           [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
+                            (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]],
+                          {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 16})
+
+
 # ---------------------------------------------------------------------------------------------
 # Sort and pad (pure PyTorch: readable, and used as-is by notebook 12)
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +102,7 @@ def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int):
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "BLOCK_M", "A_ROW_DIV", "HAS_SCALE", "SWIGLU", "SAVE"])
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, h_ptr, scale_ptr, sorted_ids_ptr, block_expert_ptr,
@@ -144,6 +164,7 @@ def _grouped_gemm_kernel(
         tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "X_ROW_DIV", "Y_ROW_DIV", "HAS_SCALE"])
 @triton.jit
 def _grouped_weight_grad_kernel(
     x_ptr, y_ptr, out_ptr, scale_ptr, sorted_ids_ptr, expert_offsets_ptr,
@@ -199,14 +220,6 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
-def _tile(n: int, k: int):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): one fixed config keeps the interpreter happy
-    and needs no autotuning (which does not run there)."""
-    if _interpreting():
-        return 32, 32, 4, 1
-    return (128 if n >= 128 else 64), (64 if k >= 64 else 32), 4, 3
-
-
 def grouped_gemm(a, weight, align, *, transpose_weight=True, a_row_div=1, scale=None,
                  out=None, out_dtype=None):
     """One launch for all experts: out[p] = a[p // a_row_div] @ W[e(p)]^T (or @ W[e(p)]).
@@ -234,16 +247,18 @@ def grouped_gemm(a, weight, align, *, transpose_weight=True, a_row_div=1, scale=
     check_same_device(OP, a=a, weight=weight, out=out, sorted_ids=sorted_ids)
     stride_bk, stride_bn = (weight.stride(2), weight.stride(1)) if transpose_weight else (weight.stride(1), weight.stride(2))
     block_m = sorted_ids.numel() // block_expert.numel()
-    block_n, block_k, warps, stages = _tile(n, k)
-    grid = (block_expert.numel(), triton.cdiv(n, block_n))
-    _grouped_gemm_kernel[grid](
+    _grouped_gemm_kernel[_grid(block_expert.numel(), n)](
         a, weight, weight, out, out, out, scale if scale is not None else out, sorted_ids, block_expert,
         num_pairs, n, k, a.stride(0), a.stride(1), weight.stride(0), stride_bk, stride_bn,
         out.stride(0), out.stride(1),
         A_ROW_DIV=a_row_div, HAS_SCALE=scale is not None, SWIGLU=False, SAVE=False,
-        UPCAST=_interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        UPCAST=_interpreting(), BLOCK_M=block_m)
     return out
+
+
+def _grid(num_blocks, n):
+    """One program per (sorted block of BLOCK_M rows, BLOCK_N output columns)."""
+    return lambda meta: (num_blocks, triton.cdiv(n, meta["BLOCK_N"]))
 
 
 def gate_up_swiglu(x, gate_proj, up_proj, align, top_k, *, save=True, out=None, gate_out=None, up_out=None):
@@ -259,17 +274,12 @@ def gate_up_swiglu(x, gate_proj, up_proj, align, top_k, *, save=True, out=None, 
         if t is not None:
             check_tensor(OP, name, t, shape=(num_pairs, inter), dtypes=(x.dtype,))
     block_m = sorted_ids.numel() // block_expert.numel()
-    block_n, block_k, warps, stages = _tile(inter, dim)
-    if not _interpreting() and block_m * block_n >= 64 * 128:
-        warps = 8  # two fp32 accumulators (gate and up) per program: spread them over more threads
-    grid = (block_expert.numel(), triton.cdiv(inter, block_n))
-    _grouped_gemm_kernel[grid](
+    _grouped_gemm_kernel[_grid(block_expert.numel(), inter)](
         x, gate_proj, up_proj, gate if save else h, up if save else h, h, h, sorted_ids, block_expert,
         num_pairs, inter, dim, x.stride(0), x.stride(1), gate_proj.stride(0), gate_proj.stride(2),
         gate_proj.stride(1), h.stride(0), h.stride(1),
         A_ROW_DIV=top_k, HAS_SCALE=False, SWIGLU=True, SAVE=save,
-        UPCAST=_interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        UPCAST=_interpreting(), BLOCK_M=block_m)
     return h, gate, up
 
 
@@ -282,16 +292,13 @@ def grouped_weight_grad(x, y, align, num_experts, *, x_row_div=1, y_row_div=1, s
     if out is None:
         out = torch.empty(num_experts, m, n, dtype=y.dtype, device=y.device)
     check_tensor(OP, "out", out, shape=(num_experts, m, n), dtypes=None)
-    if _interpreting():
-        block_m, block_n, block_r, warps, stages = 32, 32, 16, 4, 1
-    else:
-        block_m, block_n, block_r, warps, stages = 64, 64, 32, 4, 3
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), num_experts)
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), num_experts
+
     _grouped_weight_grad_kernel[grid](
         x, y, out, scale if scale is not None else x, sorted_ids, expert_offsets, num_pairs, m, n,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        X_ROW_DIV=x_row_div, Y_ROW_DIV=y_row_div, HAS_SCALE=scale is not None, UPCAST=_interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+        X_ROW_DIV=x_row_div, Y_ROW_DIV=y_row_div, HAS_SCALE=scale is not None, UPCAST=_interpreting())
     return out
 
 

@@ -39,9 +39,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _configs(gpu, interpreter):
+    """Autotuning candidates on a GPU; one fixed config in the interpreter, which cannot time
+    kernels (a single-config autotuner launches it without benchmarking)."""
+    if _interpreting():
+        return [triton.Config(interpreter, num_warps=4, num_stages=1)]
+    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
+
+
+# Small batches are bound by reading the weight: narrow N tiles and long K tiles keep more
+# programs (and more bytes) in flight. Large batches get ordinary GEMM tiles.
+_SMALL_M = _configs([({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
+                     [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+                      (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]],
+                    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
+_LARGE_M = _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
+                     [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
+                    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+_FP8_GEMM = _configs([({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in
+                      [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                       (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
+                     {"BLOCK_M": 16, "BLOCK_N": 32})
+_WEIGHT_ONLY_KEY = ["M_BUCKET", "N", "K", "GROUP_N", "GROUP_K", "INT4", "HAS_ZP"]
+
+
 @triton.jit
 def _weight_only_matmul_kernel(
     x_ptr, w_ptr, scale_ptr, zp_ptr, bias_ptr, out_ptr, M, N, K,
+    M_BUCKET,  # next power of two of M: the autotuning key, so each batch size is not retuned
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     INT4: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -91,9 +116,14 @@ def _weight_only_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+_weight_only_small_m = triton.autotune(configs=_SMALL_M, key=_WEIGHT_ONLY_KEY)(_weight_only_matmul_kernel)
+_weight_only_large_m = triton.autotune(configs=_LARGE_M, key=_WEIGHT_ONLY_KEY)(_weight_only_matmul_kernel)
+
+
+@triton.autotune(configs=_FP8_GEMM, key=["M_BUCKET", "N", "K", "BLOCK_K"])
 @triton.jit
 def _fp8_block_gemm_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -128,18 +158,6 @@ def _fp8_block_gemm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _weight_only_tiles(m: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small batches get narrow N tiles so
-    that a 4096-wide layer still spreads over >100 programs (one per SM) to pull bandwidth."""
-    if _interpreting():
-        return 16, 32, 32, 4, 1
-    if m <= 16:
-        return 16, 32, 128, 4, 4
-    if m <= 64:
-        return 64, 64, 64, 4, 3
-    return 128, 128, 64, 8, 3
-
-
 def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
     """Shared launcher: x [..., K] -> [..., N]."""
     lead = x.shape[:-1]
@@ -149,18 +167,19 @@ def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
     # a 0-d scale (per tensor) is read with strides 0: every (n, k) sees the same value
     stride_sn = scale.stride(0) if scale.dim() >= 1 else 0
     stride_sk = scale.stride(1) if scale.dim() == 2 else 0
-    block_m, block_n, block_k, warps, stages = _weight_only_tiles(m)
-    if group_k is None:  # no k dependence: any multiple of BLOCK_K keeps the one-scale-per-tile path
-        group_k = block_k
+    if group_k is None:  # no k dependence: a multiple of every BLOCK_K keeps the one-scale-per-tile path
+        group_k = 1024
+    kernel = _weight_only_small_m if m <= 16 else _weight_only_large_m
     if m:
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _weight_only_matmul_kernel[grid](
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
+        kernel[grid](
             x2, w, scale, zero_point if zero_point is not None else scale, bias if bias is not None else x2, out,
-            m, n, k, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), stride_sn, stride_sk,
-            out.stride(0), out.stride(1),
+            m, n, k, triton.next_power_of_2(m), x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
+            stride_sn, stride_sk, out.stride(0), out.stride(1),
             GROUP_N=group_n, GROUP_K=group_k, INT4=int4, HAS_ZP=zero_point is not None,
-            HAS_BIAS=bias is not None, UPCAST=_interpreting(),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            HAS_BIAS=bias is not None, UPCAST=_interpreting())
     return out.reshape(*lead, n)
 
 
@@ -283,18 +302,15 @@ def fp8_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block_size=128, out_dtype
         raise TypeError(f"{op}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     check_same_device(op, x_fp8=x_fp8, x_scale=x_scale, w_fp8=w_fp8, w_scale_inv=w_scale_inv)
     out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
-    if _interpreting():
-        block_m, block_n, warps, stages = 16, 32, 4, 1
-    else:
-        block_m, block_n, warps, stages = (16 if m <= 16 else 64 if m <= 64 else 128), 128, 4 if m <= 64 else 8, 3
     if m:
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
         _fp8_block_gemm_kernel[grid](
-            x_fp8, x_scale, w_fp8, w_scale_inv, out, m, n, k,
+            x_fp8, x_scale, w_fp8, w_scale_inv, out, m, n, k, triton.next_power_of_2(m),
             x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1), out.stride(0), out.stride(1),
             x_scale.stride(0), x_scale.stride(1), w_scale_inv.stride(0), w_scale_inv.stride(1),
-            UPCAST=_interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size,
-            num_warps=warps, num_stages=stages)
+            UPCAST=_interpreting(), BLOCK_K=block_size)
     return out
 
 
