@@ -15,8 +15,9 @@ FP8 uses the layout of real DeepSeek-V3 checkpoints: next to each `weight` (floa
 `dequantize_fp8_block`. Activations get one scale per 128 consecutive values, as in DeepSeek-V3's
 FP8 training.
 
-`QuantLinear` keeps a quantized weight and dequantizes it on the fly in `forward`;
-`quantize_model` swaps a model's `nn.Linear` layers for it and reports the error of each.
+`QuantLinear` keeps a quantized weight and dequantizes it on the fly in `forward`
+(`QuantExperts` does the same for stacked MoE experts); `quantize_model` swaps a model's
+layers for them and reports the error of each.
 """
 
 import math
@@ -398,6 +399,39 @@ class QuantLinear(nn.Module):
                 f"scheme={self.scheme}{detail.get(self.scheme, '')}, bias={self.bias is not None}")
 
 
+class QuantExperts(nn.Module):
+    """MoE routed experts (`moe.Experts`: stacked gate_proj, up_proj [E, I, D], down_proj [E, D, I])
+    with each expert's three matrices quantized on their own, as DeepSeek-V3 checkpoints store
+    them (per-expert `weight` + `weight_scale_inv`). Forward dequantizes and runs the same
+    routed-experts computation as the float module."""
+
+    def __init__(self, experts: nn.Module, scheme: str, **kwargs):
+        super().__init__()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            stacked = getattr(experts, name).detach()
+            layers = []
+            for w in stacked:  # one [out, in] matrix per expert
+                layer = QuantLinear(w.shape[1], w.shape[0], scheme, bias=False, device=w.device, **kwargs)
+                layer.set_weight(w)
+                layers.append(layer)
+            setattr(self, name, nn.ModuleList(layers))
+        self.scheme = scheme
+
+    def dequantize_weights(self, dtype: torch.dtype = torch.float32):
+        """(gate_proj, up_proj, down_proj) as stacked float tensors, like moe.Experts holds them."""
+        return tuple(torch.stack([layer.dequantize_weight(dtype) for layer in getattr(self, name)])
+                     for name in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        from deepseek_mini.moe import routed_experts
+
+        weights = self.dequantize_weights(x.dtype)
+        if backend.use_triton(x):
+            from deepseek_mini.kernels.fused_moe import fused_moe
+            return fused_moe(x, topk_idx, topk_weight, *weights)
+        return routed_experts(x, topk_idx, topk_weight, *weights)
+
+
 def name_matches(name: str, patterns) -> bool:
     """True when a module name equals one of the patterns or ends with '.' + pattern (peft's
     rule for a list of target modules): 'o_proj' matches 'layers.0.self_attn.o_proj'."""
@@ -412,27 +446,39 @@ def _check_names(arg: str, names) -> list:
 
 
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, block_size: int = 128,
-                   per_channel: bool = True, skip=()) -> list[QuantError]:
-    """Replace every nn.Linear in `model` (in place) by a QuantLinear of `scheme`, except those
-    whose name matches `skip` (names or suffixes, e.g. ["lm_head"]). Returns one QuantError per
-    replaced layer: max/mean absolute error and SNR of the dequantized weight."""
+                   per_channel: bool = True, skip=(), experts: bool = True) -> list[QuantError]:
+    """Replace every nn.Linear in `model` (in place) by a QuantLinear of `scheme`, and (with
+    experts=True) every stacked `moe.Experts` by a QuantExperts, except modules whose name
+    matches `skip` (names or suffixes, e.g. ["lm_head"]). Returns one QuantError per quantized
+    weight: max/mean absolute error and SNR of the dequantized weight (for experts, one per
+    stacked tensor, named '<module>.gate_proj' etc.)."""
+    from deepseek_mini.moe import Experts
+
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     skip = _check_names("skip", skip)
+    kinds = (nn.Linear, Experts) if experts else (nn.Linear,)
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not name_matches(name, skip)]
+               if isinstance(m, kinds) and not name_matches(name, skip)]
+    if any(name == "" for name, _ in targets):
+        raise TypeError("model is itself the layer to quantize; use QuantLinear.from_linear(model, scheme)")
     if scheme == "int4":  # fail before changing anything
         for name, m in targets:
-            if m.in_features % group_size:
-                raise ValueError(f"layer {name!r} has in_features={m.in_features}, not divisible by "
-                                 f"group_size={group_size}; pass skip=[{name!r}] or another group_size")
-    if any(name == "" for name, _ in targets):
-        raise TypeError("model is itself an nn.Linear; use QuantLinear.from_linear(model, scheme) instead")
+            widths = [m.in_features] if isinstance(m, nn.Linear) else [m.gate_proj.shape[2], m.down_proj.shape[2]]
+            if any(k % group_size for k in widths):
+                raise ValueError(f"layer {name!r} has in_features={widths[0] if len(widths) == 1 else widths}, "
+                                 f"not divisible by group_size={group_size}; pass skip=[{name!r}] or another group_size")
+    options = dict(group_size=group_size, block_size=block_size, per_channel=per_channel)
     report = []
-    for name, linear in targets:
-        layer = QuantLinear.from_linear(linear, scheme, group_size=group_size, block_size=block_size,
-                                        per_channel=per_channel)
-        report.append(quantization_error(linear.weight.detach(), layer.dequantize_weight(), name, scheme))
+    for name, module in targets:
+        if isinstance(module, nn.Linear):
+            new = QuantLinear.from_linear(module, scheme, **options)
+            report.append(quantization_error(module.weight.detach(), new.dequantize_weight(), name, scheme))
+        else:
+            new = QuantExperts(module, scheme, **options)
+            for tensor_name, w_hat in zip(("gate_proj", "up_proj", "down_proj"), new.dequantize_weights()):
+                w = getattr(module, tensor_name).detach()
+                report.append(quantization_error(w, w_hat, f"{name}.{tensor_name}", scheme))
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        setattr(model.get_submodule(parent_name), child, new)
     return report

@@ -371,3 +371,42 @@ def test_model_dtype_cast_keeps_quantized_buffers(scheme):
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     expected = F.linear(x.float(), layer.dequantize_weight(), layer.bias.float())
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantize_model_quantizes_stacked_moe_experts_per_expert(scheme):
+    from deepseek_mini.model import DeepseekConfig, DeepseekModel
+    from deepseek_mini.moe import Experts, routed_experts
+    from deepseek_mini.quant import QuantExperts
+
+    config = DeepseekConfig(vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+                            q_lora_rank=16, kv_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2)
+    model = DeepseekModel(config).eval()
+    with torch.no_grad():  # experts of very different scales: each must get its own scales
+        model.layers[1].mlp.experts.gate_proj[2] *= 50
+    original = copy.deepcopy(model)
+    report = quantize_model(model, scheme, group_size=16, skip=["lm_head"])
+    experts, float_experts = model.layers[1].mlp.experts, original.layers[1].mlp.experts
+    assert isinstance(experts, QuantExperts) and isinstance(float_experts, Experts)
+    by_name = {r.name: r for r in report}
+    gate_hat, up_hat, down_hat = experts.dequantize_weights()
+    for tensor_name, w_hat in zip(["gate_proj", "up_proj", "down_proj"], [gate_hat, up_hat, down_hat]):
+        w = getattr(float_experts, tensor_name).detach()
+        assert w_hat.shape == w.shape
+        err = (w_hat - w).double()
+        assert by_name[f"layers.1.mlp.experts.{tensor_name}"].max_abs_error == pytest.approx(err.abs().max().item())
+    # expert 0's error is untouched by expert 2's 50x larger weights: scales are per expert
+    gate = float_experts.gate_proj.detach()
+    relative = [((gate_hat[e] - gate[e]).abs().max() / gate[e].abs().max()).item() for e in range(4)]
+    assert max(relative) < 3 * min(relative)
+
+    x = torch.randn(10, 32)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(10)])
+    weight = torch.rand(10, 2)
+    torch.testing.assert_close(experts(x, idx, weight), routed_experts(x, idx, weight, gate_hat, up_hat, down_hat))
+    ids = torch.randint(0, 64, (2, 8))
+    assert quantization_error(original(ids), model(ids)).snr_db > {"int8": 30, "fp8": 20, "int4": 10}[scheme]
+
+    untouched = copy.deepcopy(original)
+    quantize_model(untouched, scheme, group_size=16, experts=False)
+    assert isinstance(untouched.layers[1].mlp.experts, Experts)
