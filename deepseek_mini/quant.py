@@ -250,6 +250,25 @@ def dequantize_fp8_activation(x_fp8: torch.Tensor, scale: torch.Tensor, block_si
     return (x_fp8.float() * full).to(dtype)
 
 
+def dequantize_fp8_state_dict(tensors: dict, block_size: int = 128, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Turn a DeepSeek-V3 FP8 checkpoint's tensors into float ones: each `X.weight` stored as
+    float8_e4m3fn with its `X.weight_scale_inv` becomes a `dtype` `X.weight`; the scale keys go
+    away and every other tensor is passed through unchanged."""
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith("weight_scale_inv"):
+            if key[:-len("_scale_inv")] not in tensors:
+                raise KeyError(f"{key!r} has no matching {key[:-len('_scale_inv')]!r} weight")
+            continue
+        if value.dtype == FP8_DTYPE:
+            scale_key = key + "_scale_inv"
+            if scale_key not in tensors:
+                raise KeyError(f"FP8 tensor {key!r} has no {scale_key!r} to dequantize it with")
+            value = dequantize_fp8_block(value, tensors[scale_key], block_size, dtype)
+        out[key] = value
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Error statistics
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 
 from deepseek_mini.quant import (
     FP8_DTYPE, FP8_MAX, QuantLinear, dequantize_fp8_activation, dequantize_fp8_block,
-    dequantize_int4, dequantize_int8, pack_int4, quantization_error, quantize_fp8_activation,
+    dequantize_fp8_state_dict, dequantize_int4, dequantize_int8, pack_int4, quantization_error, quantize_fp8_activation,
     quantize_fp8_block, quantize_int4, quantize_int8, quantize_model, unpack_int4,
 )
 
@@ -216,6 +216,29 @@ def test_fp8_activation_one_scale_per_128_values():
     assert ((x_hat - x).abs() <= fp8_bound(x, full_scale)).all()
     # per-tile scales keep the small tiles accurate; one scale for the whole row would not
     assert ((x_hat - x).abs() / x.abs().clamp(min=1e-12))[..., :128].median() < 2.0 ** -4
+
+
+def test_fp8_checkpoint_state_dict_dequantizes(tmp_path):
+    """A safetensors shard laid out like DeepSeek-V3's FP8 release (fp8 `weight` + float32
+    `weight_scale_inv`, float norms) turns into plain float tensors."""
+    w_q, s_q = random_fp8_checkpoint_tensor(300, 200, 128)
+    w_o, s_o = random_fp8_checkpoint_tensor(64, 300, 128)
+    norm = torch.rand(200)
+    save_file({"layers.0.self_attn.q_b_proj.weight": w_q, "layers.0.self_attn.q_b_proj.weight_scale_inv": s_q,
+               "layers.0.self_attn.o_proj.weight": w_o, "layers.0.self_attn.o_proj.weight_scale_inv": s_o,
+               "layers.0.input_layernorm.weight": norm}, tmp_path / "model-00001-of-00001.safetensors")
+    tensors = dequantize_fp8_state_dict(load_file(tmp_path / "model-00001-of-00001.safetensors"), dtype=torch.float32)
+    assert sorted(tensors) == ["layers.0.input_layernorm.weight", "layers.0.self_attn.o_proj.weight",
+                               "layers.0.self_attn.q_b_proj.weight"]
+    torch.testing.assert_close(tensors["layers.0.self_attn.q_b_proj.weight"], loop_dequant_fp8(w_q, s_q, 128),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(tensors["layers.0.self_attn.o_proj.weight"], loop_dequant_fp8(w_o, s_o, 128),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(tensors["layers.0.input_layernorm.weight"], norm, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="has no 'a.weight_scale_inv'"):
+        dequantize_fp8_state_dict({"a.weight": w_q})
+    with pytest.raises(KeyError, match="has no matching 'a.weight'"):
+        dequantize_fp8_state_dict({"a.weight_scale_inv": s_q})
 
 
 def test_fp8_bad_inputs():
