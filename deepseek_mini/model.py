@@ -244,7 +244,11 @@ class DeepseekModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._rope_len = length
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None):
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
+            raise ValueError("attention_mask with padding (zeros) is not supported: pass sequences of equal length "
+                             "(an all-ones mask, or None, is fine)")
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got {input_ids.dtype} "
                              f"of shape {tuple(input_ids.shape)}")
@@ -332,6 +336,14 @@ class DeepseekModel(nn.Module):
         if not out:
             return out
         return {i: (idx.view(*self._last_shape, -1), w.view(*self._last_shape, -1)) for i, (idx, w) in out.items()}
+
+    @torch.no_grad()
+    def update_expert_biases(self, speed: float = 1e-3) -> None:
+        """Aux-loss-free load balancing: after an optimizer step, nudge every noaux_tc gate's
+        correction bias toward an even load of the last forward (see `Gate.update_bias`)."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE) and layer.mlp.gate.topk_method == "noaux_tc":
+                layer.mlp.gate.update_bias(speed)
 
     def num_parameters(self, active: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count. active=True counts what ONE token uses: of each MoE layer's routed

@@ -138,6 +138,11 @@ def test_aux_loss_and_routing():
     assert list(routing) == [1]  # only layer 1 is MoE
     idx, w = routing[1]
     assert idx.shape == w.shape == (2, 6, 2) and int(idx.max()) < 4
+    gate = model.layers[1].mlp.gate
+    load = torch.bincount(idx.flatten(), minlength=4).float()
+    before = gate.e_score_correction_bias.clone()
+    model.update_expert_biases(speed=0.01)
+    torch.testing.assert_close(gate.e_score_correction_bias, before + 0.01 * torch.sign(load.mean() - load))
 
 
 def test_linear_projections_for_lora():
@@ -169,6 +174,9 @@ def test_config_and_input_errors():
         model(torch.tensor([[1, 50]]))
     with pytest.raises(ValueError, match="labels must have the shape"):
         model(torch.tensor([[1, 2]]), labels=torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="padding"):
+        model(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[0, 1]]))
+    torch.testing.assert_close(model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2)), model(torch.tensor([[1, 2]])))
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.tensor([[1]]), 2, temperature=1.0, top_p=0.0)
 
