@@ -186,3 +186,16 @@ def test_kv_cache_doc_is_generated_by_the_library():
     assert "| DeepSeek-V3 | MLA (absorbed) | latent 512 + rope key 64 | 68.6 | 0.014 |" in table
     doc = (Path(__file__).resolve().parents[1] / "docs" / "kv_cache.md").read_text()
     assert table in doc, "docs/kv_cache.md is stale: regenerate it with python -m deepseek_mini.model"
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_triton_path_matches_reference(absorb):
+    """The same model through the fused kernels (Triton interpreter on CPU; the real kernels on a GPU)."""
+    from deepseek_mini import backend
+
+    model = small_model(absorb_mla=absorb).float()
+    ids = torch.randint(0, 50, (2, 6))
+    reference, generated = model(ids), model.generate(ids[:, :3], 3)
+    with backend.forced("triton"):
+        torch.testing.assert_close(model(ids), reference, atol=1e-4, rtol=1e-4)
+        assert torch.equal(model.generate(ids[:, :3], 3), generated)
