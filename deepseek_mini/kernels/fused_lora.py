@@ -15,32 +15,23 @@ The kernel writes the thin products t = x A^T (forward) and dy B (backward) as a
 so the small weight gradients are two thin cuBLAS matmuls.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.kernels.fused_moe import autotune_configs, interpreting
 
 OP = "fused_lora"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CONFIGS = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
+                             [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
+                              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]],
+                            {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
 
 
-def _configs():
-    """GEMM tiles to autotune on a GPU; one fixed config in the interpreter, which cannot time
-    kernels (a single-config autotuner launches it without benchmarking)."""
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
-                                       (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]]
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS"])
 @triton.jit
 def _lora_matmul_kernel(
     p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, t_ptr, M, N, K, R, scaling,
@@ -131,7 +122,7 @@ def lora_matmul(p, q, lo, r, scaling, bias=None, *, out=None, t_out=None):
             triton.next_power_of_2(m),
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), lo.stride(0), lo.stride(1),
             r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_out.stride(0), t_out.stride(1),
-            HAS_BIAS=bias is not None, STORE_T=True, UPCAST=_interpreting(), BLOCK_R=block_r)
+            HAS_BIAS=bias is not None, STORE_T=True, UPCAST=interpreting(), BLOCK_R=block_r)
     return out, t_out
 
 

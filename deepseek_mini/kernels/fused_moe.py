@@ -36,27 +36,30 @@ from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, c
 OP = "fused_moe"
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when kernels run in the Triton interpreter (CPU): compute in float32 there, since
+    its bfloat16 math is wrong, and use one fixed tile config."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(gpu, interpreter):
-    """Autotuning candidates on a GPU; one fixed config in the interpreter, which cannot time
-    kernels (a single-config autotuner launches it without benchmarking)."""
-    if _interpreting():
+def autotune_configs(gpu, interpreter):
+    """Autotuning candidates [(meta, num_warps, num_stages)] on a GPU; only the `interpreter`
+    meta in the interpreter, which cannot time kernels (a single-config autotuner launches
+    without benchmarking). Shared by the fused MoE, fused LoRA and quantized matmul kernels."""
+    if interpreting():
         return [triton.Config(interpreter, num_warps=4, num_stages=1)]
     return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in gpu]
 
 
 # BLOCK_M is not tuned: it is the padding unit of moe_align, chosen from the rows per expert
-_GEMM_CONFIGS = _configs([({"BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
-                          [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-                           (128, 128, 8, 3), (256, 64, 8, 3)]],
-                         {"BLOCK_N": 32, "BLOCK_K": 32})
-_WGRAD_CONFIGS = _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, w, st) for bm, bn, br, w, st in
-                           [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                            (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]],
-                          {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 16})
+_GEMM_CONFIGS = autotune_configs([({"BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
+                                  [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                                   (128, 128, 8, 3), (256, 64, 8, 3)]],
+                                 {"BLOCK_N": 32, "BLOCK_K": 32})
+_WGRAD_CONFIGS = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, w, st) for bm, bn, br, w, st in
+                                   [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
+                                    (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]],
+                                  {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 16})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def _grouped_weight_grad_kernel(
 
 def _block_m(num_pairs: int, num_experts: int) -> int:
     """Rows per block: small when each expert gets few rows (less padding), else 64."""
-    if _interpreting():
+    if interpreting():
         return 16
     per_expert = num_pairs / max(num_experts, 1)
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
@@ -252,7 +255,7 @@ def grouped_gemm(a, weight, align, *, transpose_weight=True, a_row_div=1, scale=
         num_pairs, n, k, a.stride(0), a.stride(1), weight.stride(0), stride_bk, stride_bn,
         out.stride(0), out.stride(1),
         A_ROW_DIV=a_row_div, HAS_SCALE=scale is not None, SWIGLU=False, SAVE=False,
-        UPCAST=_interpreting(), BLOCK_M=block_m)
+        UPCAST=interpreting(), BLOCK_M=block_m)
     return out
 
 
@@ -279,7 +282,7 @@ def gate_up_swiglu(x, gate_proj, up_proj, align, top_k, *, save=True, out=None, 
         num_pairs, inter, dim, x.stride(0), x.stride(1), gate_proj.stride(0), gate_proj.stride(2),
         gate_proj.stride(1), h.stride(0), h.stride(1),
         A_ROW_DIV=top_k, HAS_SCALE=False, SWIGLU=True, SAVE=save,
-        UPCAST=_interpreting(), BLOCK_M=block_m)
+        UPCAST=interpreting(), BLOCK_M=block_m)
     return h, gate, up
 
 
@@ -298,7 +301,7 @@ def grouped_weight_grad(x, y, align, num_experts, *, x_row_div=1, y_row_div=1, s
     _grouped_weight_grad_kernel[grid](
         x, y, out, scale if scale is not None else x, sorted_ids, expert_offsets, num_pairs, m, n,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        X_ROW_DIV=x_row_div, Y_ROW_DIV=y_row_div, HAS_SCALE=scale is not None, UPCAST=_interpreting())
+        X_ROW_DIV=x_row_div, Y_ROW_DIV=y_row_div, HAS_SCALE=scale is not None, UPCAST=interpreting())
     return out
 
 

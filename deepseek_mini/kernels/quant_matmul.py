@@ -23,43 +23,30 @@ FP8 inference and training: activations with one scale per 1 x 128 tile, weights
 float32 result is multiplied by the row's activation scale and the column's weight scale.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from deepseek_mini.kernels._checks import check_same_device, check_tensor
+from deepseek_mini.kernels.fused_moe import autotune_configs, interpreting
 
 OP = "quant_matmul"
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _configs(gpu, interpreter):
-    """Autotuning candidates on a GPU; one fixed config in the interpreter, which cannot time
-    kernels (a single-config autotuner launches it without benchmarking)."""
-    if _interpreting():
-        return [triton.Config(interpreter, num_warps=4, num_stages=1)]
-    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
-
-
 # Small batches are bound by reading the weight: narrow N tiles and long K tiles keep more
 # programs (and more bytes) in flight. Large batches get ordinary GEMM tiles.
-_SMALL_M = _configs([({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
-                     [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
-                      (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]],
-                    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
-_LARGE_M = _configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
-                     [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
-                    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
-_FP8_GEMM = _configs([({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in
-                      [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
-                       (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
-                     {"BLOCK_M": 16, "BLOCK_N": 32})
+_SMALL_M = autotune_configs([({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
+                            [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+                             (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]],
+                           {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
+_LARGE_M = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
+                            [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
+                           {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+_FP8_GEMM = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in
+                             [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                              (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
+                            {"BLOCK_M": 16, "BLOCK_N": 32})
 _WEIGHT_ONLY_KEY = ["M_BUCKET", "N", "K", "GROUP_N", "GROUP_K", "INT4", "HAS_ZP"]
 
 
@@ -179,7 +166,7 @@ def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
             m, n, k, triton.next_power_of_2(m), x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             stride_sn, stride_sk, out.stride(0), out.stride(1),
             GROUP_N=group_n, GROUP_K=group_k, INT4=int4, HAS_ZP=zero_point is not None,
-            HAS_BIAS=bias is not None, UPCAST=_interpreting())
+            HAS_BIAS=bias is not None, UPCAST=interpreting())
     return out.reshape(*lead, n)
 
 
@@ -310,7 +297,7 @@ def fp8_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block_size=128, out_dtype
             x_fp8, x_scale, w_fp8, w_scale_inv, out, m, n, k, triton.next_power_of_2(m),
             x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1), out.stride(0), out.stride(1),
             x_scale.stride(0), x_scale.stride(1), w_scale_inv.stride(0), w_scale_inv.stride(1),
-            UPCAST=_interpreting(), BLOCK_K=block_size)
+            UPCAST=interpreting(), BLOCK_K=block_size)
     return out
 
 
