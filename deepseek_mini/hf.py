@@ -124,6 +124,8 @@ def config_from_hf(hf: dict) -> DeepseekConfig:
     if kind == "yarn":
         scaling = {"rope_type": "yarn", **rope}
         scaling.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+        if scaling.get("factor") is None:  # as transformers: the extension ratio
+            scaling["factor"] = cfg["max_position_embeddings"] / scaling["original_max_position_embeddings"]
     elif rope:
         raise ValueError(f"config.json: rope fields {sorted(rope)} given for the default rope type")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
