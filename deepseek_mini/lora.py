@@ -252,6 +252,11 @@ def load_lora(model: nn.Module, path) -> nn.Module:
     layers = lora_layers(model)
     if set(layers) != set(weights):
         raise ValueError(f"adapter modules {sorted(weights)} do not match the model's LoRA layers {sorted(layers)}")
+    saved = (config["lora_alpha"], config.get("use_rslora", False))
+    for name, layer in layers.items():  # same weights with another alpha would compute something else
+        if (layer.alpha, layer.use_rslora) != saved:
+            raise ValueError(f"{name}: the model's adapter has (alpha, use_rslora) = {(layer.alpha, layer.use_rslora)} "
+                             f"but the saved one has {saved}")
     with torch.no_grad():
         for name, layer in layers.items():
             for which in ("lora_A", "lora_B"):

@@ -295,6 +295,9 @@ def test_bad_inputs(tmp_path):
     other = inject_lora(Plain(), ["head"], r=2)
     with pytest.raises(ValueError, match=r"head.lora_A: expected shape \(2, 24\), got \(8, 24\)"):
         load_lora(other, tmp_path / "head")
+    with pytest.raises(ValueError, match=r"head: the model's adapter has \(alpha, use_rslora\) = \(8, False\) "
+                                         r"but the saved one has \(16, False\)"):
+        load_lora(inject_lora(Plain(), ["head"], alpha=8), tmp_path / "head")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_lora(Plain(), tmp_path / "missing")
     with pytest.raises(ValueError, match="lora_A must be"):
