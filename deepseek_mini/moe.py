@@ -151,6 +151,15 @@ class Gate(nn.Module):
         self.last_scores, self.last_topk_idx, self.last_topk_weight = scores.detach(), topk_idx, topk_weight.detach()
         return topk_idx, topk_weight
 
+    def _apply(self, fn, recurse=True):
+        # Like transformers, keep the correction bias in float32 when the model is cast to bf16/fp16:
+        # its small differences decide which experts win. (Device moves still apply.)
+        bias = getattr(self, "e_score_correction_bias", None)
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.e_score_correction_bias = bias.to(self.weight.device)
+        return self
+
     def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
         """[N, E] float mask: 1 for experts in each token's topk_group best groups."""
         N, G = group_scores.shape

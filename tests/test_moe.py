@@ -180,3 +180,13 @@ def test_moe_layer_gradcheck_float64():
     x = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
     # gradients reach x through the experts and through the gate weights (routing itself is discrete)
     assert torch.autograd.gradcheck(moe, (x,))
+
+
+def test_correction_bias_stays_float32_when_the_model_is_cast():
+    gate = Gate(16, 8, 2)
+    gate.e_score_correction_bias.copy_(torch.linspace(0, 1e-3, 8))
+    gate = gate.to(torch.bfloat16)
+    assert gate.weight.dtype == torch.bfloat16 and gate.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(gate.e_score_correction_bias, torch.linspace(0, 1e-3, 8), atol=0, rtol=0)
+    idx, w = gate(torch.randn(4, 16, dtype=torch.bfloat16))
+    assert w.dtype == torch.float32 and idx.shape == (4, 2)
