@@ -138,6 +138,15 @@ class KVCache:
         return sum(t.numel() * t.element_size() for ts in self.layers.values() for t in ts)
 
 
+def keep_weights(module: nn.Module, result):
+    """Unpack an attention result; with `module.keep_attention` it is (out, weights) and the
+    weights [B, H, S, T] are kept in `module.last_attention` for heatmaps."""
+    if not module.keep_attention:
+        return result
+    out, module.last_attention = result[0], result[1].detach()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Multi-head / grouped-query / multi-query attention
 # ----------------------------------------------------------------------------------------------
@@ -182,10 +191,8 @@ class MultiHeadAttention(nn.Module):
             k = apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = scaled_dot_product_attention(q, k, v, causal=True, window=self.window,
-                                           return_weights=self.keep_attention)
-        if self.keep_attention:
-            out, self.last_attention = out[0], out[1].detach()
+        out = keep_weights(self, scaled_dot_product_attention(q, k, v, causal=True, window=self.window,
+                                                              return_weights=self.keep_attention))
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -274,8 +281,8 @@ class MultiHeadLatentAttention(nn.Module):
             q = torch.cat((q_nope, q_pe), dim=-1)
             if cache is not None:
                 k, v = cache.update(layer_idx, k, v)
-            out = scaled_dot_product_attention(q, k, v, causal=True, scale=self.softmax_scale,
-                                               return_weights=self.keep_attention)
+            out = keep_weights(self, scaled_dot_product_attention(q, k, v, causal=True, scale=self.softmax_scale,
+                                                                  return_weights=self.keep_attention))
         else:
             # Absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, so move W_UK onto the query and
             # attend over the shared latent like multi-query attention with one kv head whose key
@@ -293,14 +300,9 @@ class MultiHeadLatentAttention(nn.Module):
             else:
                 q = torch.cat((q_latent, q_pe), dim=-1)
                 k = torch.cat((c_kv, k_pe), dim=-1)
-                out = scaled_dot_product_attention(q, k, c_kv, causal=True, scale=self.softmax_scale,
-                                                   return_weights=self.keep_attention)
-            if self.keep_attention:
-                out = (torch.einsum("bhsr,hvr->bhsv", out[0], w_uv), out[1])
-            else:
-                out = torch.einsum("bhsr,hvr->bhsv", out, w_uv)
-        if self.keep_attention:
-            out, self.last_attention = out[0], out[1].detach()
+                out = keep_weights(self, scaled_dot_product_attention(
+                    q, k, c_kv, causal=True, scale=self.softmax_scale, return_weights=self.keep_attention))
+            out = torch.einsum("bhsr,hvr->bhsv", out, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))
 
 

@@ -88,3 +88,18 @@ def test_bad_input_and_adapter_guard():
     mla.kv_b_proj = torch.nn.Sequential(mla.kv_b_proj)  # stands for an adapter-wrapped projection
     with pytest.raises(TypeError, match="plain nn.Linear"):
         mla(torch.randn(1, 5, 32, dtype=torch.float64), cos, sin, absorb=True)
+
+
+def test_kept_attention_weights_are_the_same_in_both_forms():
+    mla = make()
+    cos, sin = precompute_rope(4, 6)
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    mla.keep_attention = True
+    out_naive = mla(x, cos, sin, absorb=False)
+    naive = mla.last_attention
+    out_absorbed = mla(x, cos, sin, absorb=True)
+    assert naive.shape == (1, 4, 6, 6)
+    torch.testing.assert_close(mla.last_attention, naive)
+    torch.testing.assert_close(out_absorbed, out_naive)
+    torch.testing.assert_close(naive.sum(-1), torch.ones(1, 4, 6, dtype=torch.float64))
+    assert (naive.triu(1) == 0).all()  # causal
