@@ -17,21 +17,25 @@ The fused version (the idea behind vLLM's fused_moe and MegaBlocks):
 Backward, per pair p = (token n, slot k) of expert e, with o_p = h_p @ down_e^T, y_n = sum_k w_p o_p:
     dh'_p = dy_n @ down_e            (unscaled; one grouped GEMM)
     d w_p = <dh'_p, h_p>              (= <dy_n, o_p>, so o_p never has to be stored)
-    dh_p = w_p dh'_p;  dgate, dup from the SwiGLU derivative
+    dh_p = w_p dh'_p;  dgate, dup from the SwiGLU derivative (the fused kernels in swiglu.py,
+                       with h = silu(gate) * up recomputed from the saved gate and up)
     dx_n = sum_k dgate_p @ gate_e + dup_p @ up_e              (two grouped GEMMs)
     d down_e = sum_p (w_p dy_n)^T h_p,  d gate_e = sum_p dgate_p^T x_n,  d up_e = sum_p dup_p^T x_n
 The weight gradients reduce over each expert's rows: a second kernel gives every program one
 (expert, output tile) and loops over that expert's padded run of rows.
+
+On a GPU the tile sizes are autotuned; in the Triton interpreter (CPU) one small config runs
+and loads are upcast to float32 (the interpreter's bfloat16 arithmetic is wrong).
 """
 
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.kernels.swiglu import swiglu_backward, swiglu_forward
 
 OP = "fused_moe"
 
@@ -309,19 +313,25 @@ def grouped_weight_grad(x, y, align, num_experts, *, x_row_div=1, y_row_div=1, s
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
+def _moe_forward(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj, save):
+    """The forward pass: two launches (gate/up + SwiGLU, then down with the gate weights) around
+    moe_align and the K-way sum. Returns (y, (gate, up, *align)) for the backward."""
+    num_tokens, top_k = topk_idx.shape
+    num_experts = gate_proj.shape[0]
+    align = moe_align(topk_idx, num_experts, _block_m(num_tokens * top_k, num_experts))
+    h, gate, up = gate_up_swiglu(x, gate_proj, up_proj, align, top_k, save=save)
+    # per-pair outputs kept in float32 so the K-way sum below does not round in bf16
+    y_pairs = grouped_gemm(h, down_proj, align, scale=topk_weight.reshape(-1), out_dtype=torch.float32)
+    return y_pairs.view(num_tokens, top_k, -1).sum(1).to(x.dtype), (gate, up, *align)
+
+
 class FusedMoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
-        num_tokens, top_k = topk_idx.shape
-        num_experts = gate_proj.shape[0]
-        align = moe_align(topk_idx, num_experts, _block_m(num_tokens * top_k, num_experts))
-        weights = topk_weight.reshape(-1)
-        h, gate, up = gate_up_swiglu(x, gate_proj, up_proj, align, top_k, save=any(ctx.needs_input_grad))
-        # per-pair outputs kept in float32 so the K-way sum below does not round in bf16
-        y_pairs = grouped_gemm(h, down_proj, align, scale=weights, out_dtype=torch.float32)
-        ctx.save_for_backward(x, topk_weight, gate_proj, up_proj, down_proj, gate, up, *align)
-        ctx.top_k = top_k
-        return y_pairs.view(num_tokens, top_k, -1).sum(1).to(x.dtype)
+        y, saved = _moe_forward(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj, save=True)
+        ctx.save_for_backward(x, topk_weight, gate_proj, up_proj, down_proj, *saved)
+        ctx.top_k = topk_idx.shape[1]
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -331,15 +341,11 @@ class FusedMoEFunction(torch.autograd.Function):
         dy = dy.to(x.dtype).contiguous()
         weights = topk_weight.reshape(-1)
 
-        g, u = gate.float(), up.float()
-        silu_g = F.silu(g)
-        h = (silu_g * u).to(x.dtype)
+        h = swiglu_forward(gate, up)  # recomputed: cheaper than keeping [N*K, I] more activations
         dh_unscaled = grouped_gemm(dy, down_proj, align, transpose_weight=False, a_row_div=top_k)
         d_weight = (dh_unscaled.float() * h.float()).sum(-1).view_as(topk_weight).to(topk_weight.dtype)
-        dh = dh_unscaled.float() * weights.float()[:, None]
-        sig = torch.sigmoid(g)
-        d_gate = (dh * u * sig * (1 + g * (1 - sig))).to(x.dtype)
-        d_up = (dh * silu_g).to(x.dtype)
+        dh = (dh_unscaled.float() * weights.float()[:, None]).to(x.dtype)
+        d_gate, d_up = swiglu_backward(dh, gate, up)
 
         dx = d_gate_proj = d_up_proj = d_down_proj = None
         if need_x:
@@ -384,4 +390,8 @@ def fused_moe(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
         raise ValueError(f"{OP}: topk_idx must choose at least one expert per token, got shape {tuple(topk_idx.shape)}")
     if num_tokens == 0:
         return x.new_zeros(0, dim)
-    return FusedMoEFunction.apply(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
+    inputs = (x, topk_weight, gate_proj, up_proj, down_proj)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return FusedMoEFunction.apply(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
+    # inference: nothing to save for a backward
+    return _moe_forward(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj, save=False)[0]
