@@ -422,7 +422,11 @@ class QuantExperts(nn.Module):
     """MoE routed experts (`moe.Experts`: stacked gate_proj, up_proj [E, I, D], down_proj [E, D, I])
     with each expert's three matrices quantized on their own, as DeepSeek-V3 checkpoints store
     them (per-expert `weight` + `weight_scale_inv`). Forward dequantizes and runs the same
-    routed-experts computation as the float module."""
+    routed-experts computation as the float module.
+
+    `gate_projs[e]` is expert e's gate projection (a QuantLinear), and so on. The plural names
+    keep LoRA targets such as "gate_proj" from matching these lists: like the float Experts,
+    the routed experts are not a LoRA target here."""
 
     def __init__(self, experts: nn.Module, scheme: str, **kwargs):
         super().__init__()
@@ -433,13 +437,13 @@ class QuantExperts(nn.Module):
                 layer = QuantLinear(w.shape[1], w.shape[0], scheme, bias=False, device=w.device, **kwargs)
                 layer.set_weight(w)
                 layers.append(layer)
-            setattr(self, name, nn.ModuleList(layers))
+            setattr(self, name + "s", nn.ModuleList(layers))
         self.scheme = scheme
 
     def dequantize_weights(self, dtype: torch.dtype = torch.float32):
         """(gate_proj, up_proj, down_proj) as stacked float tensors, like moe.Experts holds them."""
-        return tuple(torch.stack([layer.dequantize_weight(dtype) for layer in getattr(self, name)])
-                     for name in ("gate_proj", "up_proj", "down_proj"))
+        return tuple(torch.stack([layer.dequantize_weight(dtype) for layer in layers])
+                     for layers in (self.gate_projs, self.up_projs, self.down_projs))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         from deepseek_mini.moe import routed_experts

@@ -363,9 +363,11 @@ def test_lora_with_gradient_checkpointing_and_qlora_on_our_model():
         torch.testing.assert_close(grads[1][name], grads[0][name])
 
     model = tiny_deepseek_mini().train()
-    report = quantize_model(model, "int4", group_size=16, skip=["lm_head"])
-    assert {r.name.rsplit(".", 1)[-1] for r in report} >= set(DEEPSEEK_TARGETS)
-    inject_lora(model, DEEPSEEK_TARGETS, r=4, alpha=8)
+    report = quantize_model(model, "int4", group_size=16, skip=["lm_head"])  # experts included
+    assert {r.name.rsplit(".", 1)[-1] for r in report} >= set(DEEPSEEK_TARGETS) | {"gate_proj", "down_proj"}
+    # the dense and shared-expert MLPs are adaptable too; the quantized routed experts are not targets
+    inject_lora(model, DEEPSEEK_TARGETS + ["gate_proj", "up_proj", "down_proj"], r=4, alpha=8)
+    assert not any(".experts." in name for name in lora_layers(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     losses = []
     for _ in range(8):
