@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from deepseek_mini.model import DeepseekConfig, DeepseekModel
+from deepseek_mini.rope import rope_type
 
 # transformers 5.23 defaults, used for fields a config.json leaves out
 _DEFAULTS = {
@@ -157,8 +158,9 @@ def config_to_hf(config: DeepseekConfig) -> dict:
                pad_token_id=config.pad_token_id, initializer_range=config.initializer_range,
                num_key_value_heads=config.num_attention_heads, head_dim=config.qk_rope_head_dim,
                architectures=["DeepseekV3ForCausalLM" if model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"])
-    out["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
-    out["rope_parameters"].pop("type", None)
+    out["n_group"], out["topk_group"] = config.n_group or 1, config.topk_group or 1
+    scaling = {k: v for k, v in (config.rope_scaling or {}).items() if k not in ("type", "rope_type")}
+    out["rope_parameters"] = {"rope_type": rope_type(config.rope_scaling), "rope_theta": config.rope_theta, **scaling}
     if not config.n_routed_experts:  # an all-dense model: every layer is one of the "first k dense"
         out.update(n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
                    first_k_dense_replace=config.num_hidden_layers)

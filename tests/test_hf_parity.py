@@ -93,7 +93,8 @@ def test_ours_to_transformers(version, name, tmp_path):
 
 
 def test_native_config_saves_as_v3_and_tied_embeddings(tmp_path):
-    ours = randomize_(DeepseekModel(DeepseekConfig(tie_word_embeddings=True, n_group=2, topk_group=1)))
+    ours = randomize_(DeepseekModel(DeepseekConfig(tie_word_embeddings=True, n_group=None, topk_group=None,
+                                                   rope_scaling={"type": "yarn", "factor": 2.0})))
     save_pretrained(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "deepseek_v3"
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
