@@ -143,6 +143,7 @@ def test_merge_unmerge_exact():
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_outputs_gradients_and_merged_weights_match_peft(case, use_rslora):
     base, ours, theirs, inputs = make_pair(case, r=4, alpha=8.0, use_rslora=use_rslora)
+    assert trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
     out_ours, out_theirs = run(ours, inputs), run(theirs, inputs)
     assert not torch.allclose(out_ours, run(base, inputs))  # the adapters do change the output
     torch.testing.assert_close(out_ours, out_theirs)
