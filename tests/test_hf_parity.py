@@ -161,3 +161,11 @@ def test_save_refuses_what_transformers_cannot_represent(tmp_path):
     model = DeepseekModel(DeepseekConfig(scoring_func="sigmoid", topk_method="greedy"))
     with pytest.raises(ValueError, match="no transformers equivalent"):
         save_pretrained(model, tmp_path)
+
+
+def test_v2_norm_topk_prob_follows_transformers_with_a_warning(tmp_path):
+    hf = hf_model(2, {**V2_CASES["group_limited_q_lora_dense0"], "norm_topk_prob": True})
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="norm_topk_prob"):
+        ours = load_pretrained(tmp_path)
+    assert_same_logits(hf, ours)
