@@ -2,10 +2,11 @@
 library's own dequantize_* functions followed by a float matmul, i.e. what `QuantLinear` does.
 
 CPU runs go through the Triton interpreter on ragged shapes in fp32 and fp16 with poisoned
-(NaN) output buffers. FP8 loads and FP8 `tl.dot` work in the interpreter on triton 3.8 (checked
-by these tests); the kernels still upcast to float32 there because the interpreter's narrow-
-float math is not trustworthy (bf16 is wrong), so on CPU the FP8 tests check the layout, the
-block-scale indexing and the masking, while the `gpu` tests check the real FP8 tensor-core dot.
+(NaN) output buffers. Loading float8_e4m3fn works in the interpreter on triton 3.8 (these tests
+pass FP8 tensors straight to the kernels); the kernels then upcast to float32 there, as they do
+for every narrow float, because the interpreter's narrow-float arithmetic is not trustworthy
+(bf16 is wrong). So on CPU the FP8 tests check the loads, the layout, the block-scale indexing
+and the masking; the `gpu` tests check the real FP8 tensor-core dot.
 """
 
 import pytest
