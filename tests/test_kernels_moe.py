@@ -155,8 +155,16 @@ def test_fused_moe_rejects_bad_input_with_clear_errors():
         fm.fused_moe(x.half(), idx, w, gate, up, down)
     with pytest.raises(TypeError, match="topk_idx has dtype float32"):
         fm.fused_moe(x, idx.float(), w, gate, up, down)
-    with pytest.raises(ValueError, match="x must be contiguous"):
-        fm.fused_moe(x.t().contiguous().t(), idx, w, gate, up, down)
+    with pytest.raises(ValueError, match="up_proj must be contiguous"):
+        fm.fused_moe(x, idx, w, gate, up.transpose(1, 2).contiguous().transpose(1, 2), down)
+
+
+def test_fused_moe_takes_strided_activations():
+    x, idx, w, gate, up, down = _problem(6, 24, 16, 3, 2, torch.float32)
+    wide = torch.randn(6, 48)
+    wide[:, ::2] = x  # x as a strided view: every other column of a wider tensor
+    expected = moe.routed_experts(x, idx, w, gate, up, down)
+    torch.testing.assert_close(fm.fused_moe(wide[:, ::2], idx, w, gate, up, down), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

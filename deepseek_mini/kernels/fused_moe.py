@@ -369,17 +369,17 @@ def fused_moe(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
     in x's dtype. Returns [N, D] = sum_k topk_weight[n, k] * expert_{topk_idx[n, k]}(x[n]).
     Differentiable in x, topk_weight and the three weights.
     """
-    check_tensor(OP, "x", x, ndim=2)
+    check_tensor(OP, "x", x, ndim=2, contiguous=False)  # activations: copied if strided (weights are not)
     num_tokens, dim = x.shape
     check_tensor(OP, "gate_proj", gate_proj, ndim=3)
     num_experts, inter = gate_proj.shape[:2]
     check_tensor(OP, "gate_proj", gate_proj, shape=(num_experts, inter, dim))
     check_tensor(OP, "up_proj", up_proj, shape=(num_experts, inter, dim))
     check_tensor(OP, "down_proj", down_proj, shape=(num_experts, dim, inter))
-    check_tensor(OP, "topk_idx", topk_idx, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_tensor(OP, "topk_idx", topk_idx, ndim=2, dtypes=(torch.int64, torch.int32), contiguous=False)
     top_k = topk_idx.shape[1]
-    check_tensor(OP, "topk_idx", topk_idx, shape=(num_tokens, top_k), dtypes=None)
-    check_tensor(OP, "topk_weight", topk_weight, shape=(num_tokens, top_k))
+    check_tensor(OP, "topk_idx", topk_idx, shape=(num_tokens, top_k), dtypes=None, contiguous=False)
+    check_tensor(OP, "topk_weight", topk_weight, shape=(num_tokens, top_k), contiguous=False)
     check_same_dtype(OP, x=x, gate_proj=gate_proj, up_proj=up_proj, down_proj=down_proj)
     check_same_device(OP, x=x, topk_idx=topk_idx, topk_weight=topk_weight, gate_proj=gate_proj,
                       up_proj=up_proj, down_proj=down_proj)
@@ -390,6 +390,7 @@ def fused_moe(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
         raise ValueError(f"{OP}: topk_idx must choose at least one expert per token, got shape {tuple(topk_idx.shape)}")
     if num_tokens == 0:
         return x.new_zeros(0, dim)
+    x, topk_idx, topk_weight = x.contiguous(), topk_idx.contiguous(), topk_weight.contiguous()
     inputs = (x, topk_weight, gate_proj, up_proj, down_proj)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return FusedMoEFunction.apply(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
