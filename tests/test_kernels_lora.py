@@ -24,7 +24,7 @@ def _assert_close(actual, expected, rel, name):
     assert err <= rel * scale, f"{name}: max error {err:.3g} > {rel:g} x max |ref| {scale:.3g}"
 
 
-def _check(lead, d_in, d_out, rank, dtype, *, bias=True, scaling=2.0, train_base=False, device=DEVICE):
+def _check(lead, d_in, d_out, rank, dtype, *, bias=True, scaling=2.0, train_base=False, train_x=True, device=DEVICE):
     x = torch.randn(*lead, d_in, device=device).to(dtype)
     w = (torch.randn(d_out, d_in, device=device) / d_in**0.5).to(dtype)
     b = torch.randn(d_out, device=device).to(dtype) if bias else None
@@ -34,7 +34,7 @@ def _check(lead, d_in, d_out, rank, dtype, *, bias=True, scaling=2.0, train_base
 
     def leaves(cast):
         out = []
-        for t, trains in ((x, True), (w, train_base), (b, train_base), (a, True), (bb, True)):
+        for t, trains in ((x, train_x), (w, train_base), (b, train_base), (a, True), (bb, True)):
             out.append(None if t is None else cast(t).detach().clone().requires_grad_(trains))
         return out
 
@@ -64,6 +64,10 @@ def test_fused_lora_matches_reference_forward_and_backward(lead, d_in, d_out, ra
 def test_fused_lora_without_bias_and_with_a_trained_base_weight():
     _check((9,), 48, 40, 8, torch.float32, bias=False, train_base=True, scaling=0.5)
     _check((5,), 32, 24, 4, torch.float32, bias=True, train_base=True)
+
+
+def test_fused_lora_adapter_grads_when_the_input_needs_none():
+    _check((7,), 40, 24, 4, torch.float16, train_x=False)
 
 
 def test_lora_matmul_writes_output_and_thin_product_into_poisoned_buffers():

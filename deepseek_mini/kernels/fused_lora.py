@@ -142,13 +142,15 @@ class FusedLoRAFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
         dy = dy.to(x.dtype).contiguous()
         s = ctx.scaling
-        # backward: P = dy, Q = W, L = B, R = A gives dx = dy W + s (dy B) A and t = dy B
-        dx, dyb = lora_matmul(dy, weight, lora_B, lora_A, s)
+        if need_x:  # P = dy, Q = W, L = B, R = A gives dx = dy W + s (dy B) A and t = dy B
+            dx, dyb = lora_matmul(dy, weight, lora_B, lora_A, s)
+        else:  # e.g. the first layer: only the thin product is needed
+            dx, dyb = None, dy @ lora_B
         d_a = (dyb.t() @ x) * s if need_a else None
         d_b = (dy.t() @ xa) * s if need_bb else None
         d_w = dy.t() @ x if need_w else None
         d_bias = dy.sum(0) if ctx.has_bias and need_b else None
-        return dx if need_x else None, d_w, d_bias, d_a, d_b, None
+        return dx, d_w, d_bias, d_a, d_b, None
 
 
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling):
