@@ -236,8 +236,10 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig)
     return out
 
 
-def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> DeepseekModel:
+def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu") -> DeepseekModel:
     """Load a Hugging Face DeepSeek-V3 / V2 checkpoint folder into a DeepseekModel (eval mode)."""
+    if isinstance(dtype, str):  # "bfloat16", "float32", ...
+        dtype = getattr(torch, dtype.removeprefix("torch."))
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():

@@ -113,6 +113,12 @@ class DeepseekConfig:
                 bad("topk_method", f"one of {TOPK_METHODS}")
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
                 bad("num_experts_per_tok", f"an int in [1, n_routed_experts={self.n_routed_experts}]")
+            if self.topk_method != "greedy":
+                n_group, topk_group = self.n_group or 1, self.topk_group or 1
+                if self.n_routed_experts % n_group:
+                    bad("n_group", f"a divisor of n_routed_experts={self.n_routed_experts}")
+                if not 1 <= topk_group <= n_group:
+                    bad("topk_group", f"an int in [1, n_group={n_group}]")
             if self.moe_layer_freq != 1:
                 bad("moe_layer_freq", "1 (every layer after first_k_dense_replace is MoE)")
             if self.first_k_dense_replace < 0:

@@ -118,6 +118,9 @@ def test_errors_name_the_problem(tmp_path):
     hf = hf_model(3, V3_CASES["q_lora_groups2_norm_dense1"])
     hf.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
+    half = load_pretrained(tmp_path, dtype="bfloat16")
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    assert half.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
     def write(**changes):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **changes}))

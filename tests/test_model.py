@@ -166,7 +166,9 @@ def test_config_and_input_errors():
     with pytest.raises(ValueError, match="rope scaling"):
         DeepseekConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="n_group"):
-        DeepseekModel(DeepseekConfig(n_routed_experts=6, n_group=4))
+        DeepseekConfig(n_routed_experts=6, n_group=4)
+    with pytest.raises(ValueError, match="topk_group"):
+        DeepseekConfig(n_routed_experts=8, n_group=2, topk_group=3)
     model = small_model()
     with pytest.raises(ValueError, match="input_ids must be an int64"):
         model(torch.randn(2, 3))
