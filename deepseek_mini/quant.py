@@ -317,16 +317,23 @@ class QuantLinear(nn.Module):
         fp8:              weight float8_e4m3fn [N, K], weight_scale_inv [ceil(N/bs), ceil(K/bs)]
     The quantized weight is a buffer, not a parameter: it is frozen by construction (QLoRA
     trains adapters on top of it). `bias`, if any, stays a float parameter.
+
+    fp8_activations=True (scheme "fp8" only) also rounds the input to FP8 with one scale per
+    128 values, as DeepSeek-V3's FP8 linear layers do (W8A8); on a GPU, inference then runs the
+    FP8 x FP8 block-scaled GEMM. The default keeps activations in their own dtype (weight-only).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: str, bias: bool = True, *,
                  group_size: int = 128, block_size: int = 128, per_channel: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 fp8_activations: bool = False, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if fp8_activations and scheme != "fp8":
+            raise ValueError(f"fp8_activations=True needs scheme='fp8', got scheme={scheme!r}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.group_size, self.block_size, self.per_channel = group_size, block_size, per_channel
+        self.fp8_activations = fp8_activations
         n, k = out_features, in_features
         empty = dict(device=device)
         if scheme in ("int8", "int8-asym"):
@@ -391,6 +398,19 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fp8_activations:
+            # the FP8 GEMM kernel has no backward: use it only when no gradient is wanted
+            wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+            if backend.use_triton(x) and not wants_grad:
+                from deepseek_mini.kernels.quant_matmul import fp8_block_linear
+
+                return fp8_block_linear(x.contiguous(), self.weight, self.weight_scale_inv, self.block_size, bias)
+            # round x to FP8 and back; the gradient passes straight through the rounding
+            with torch.no_grad():
+                rounded = dequantize_fp8_activation(*quantize_fp8_activation(x, self.block_size), self.block_size,
+                                                    x.dtype)
+            x = x + (rounded - x).detach() if x.requires_grad else rounded
+            return F.linear(x, self.dequantize_weight(x.dtype), bias)
         if backend.use_triton(x):  # dequantize tile by tile in registers, never the whole weight
             from deepseek_mini.kernels import quant_matmul as kernels
 
@@ -413,7 +433,8 @@ class QuantLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        detail = {"int4": f", group_size={self.group_size}", "fp8": f", block_size={self.block_size}"}
+        detail = {"int4": f", group_size={self.group_size}",
+                  "fp8": f", block_size={self.block_size}, fp8_activations={self.fp8_activations}"}
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme}{detail.get(self.scheme, '')}, bias={self.bias is not None}")
 
@@ -469,16 +490,19 @@ def _check_names(arg: str, names) -> list:
 
 
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, block_size: int = 128,
-                   per_channel: bool = True, skip=(), experts: bool = True) -> list[QuantError]:
+                   per_channel: bool = True, skip=(), experts: bool = True,
+                   fp8_activations: bool = False) -> list[QuantError]:
     """Replace every nn.Linear in `model` (in place) by a QuantLinear of `scheme`, and (with
     experts=True) every stacked `moe.Experts` by a QuantExperts, except modules whose name
     matches `skip` (names or suffixes, e.g. ["lm_head"]). Returns one QuantError per quantized
     weight: max/mean absolute error and SNR of the dequantized weight (for experts, one per
-    stacked tensor, named '<module>.gate_proj' etc.)."""
+    stacked tensor, named '<module>.gate_proj' etc.). fp8_activations: see QuantLinear."""
     from deepseek_mini.moe import Experts
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if fp8_activations and scheme != "fp8":
+        raise ValueError(f"fp8_activations=True needs scheme='fp8', got scheme={scheme!r}")
     skip = _check_names("skip", skip)
     kinds = (nn.Linear, Experts) if experts else (nn.Linear,)
     targets = [(name, m) for name, m in model.named_modules()
@@ -495,7 +519,7 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, bloc
     report = []
     for name, module in targets:
         if isinstance(module, nn.Linear):
-            new = QuantLinear.from_linear(module, scheme, **options)
+            new = QuantLinear.from_linear(module, scheme, fp8_activations=fp8_activations, **options)
             report.append(quantization_error(module.weight.detach(), new.dequantize_weight(), name, scheme))
         else:
             new = QuantExperts(module, scheme, **options)
