@@ -383,9 +383,11 @@ def fused_moe(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
     check_same_dtype(OP, x=x, gate_proj=gate_proj, up_proj=up_proj, down_proj=down_proj)
     check_same_device(OP, x=x, topk_idx=topk_idx, topk_weight=topk_weight, gate_proj=gate_proj,
                       up_proj=up_proj, down_proj=down_proj)
-    if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_experts):
-        raise ValueError(f"{OP}: topk_idx values must lie in [0, {num_experts}) (gate_proj has "
-                         f"{num_experts} experts), got [{int(topk_idx.min())}, {int(topk_idx.max())}]")
+    if topk_idx.numel():  # an id out of range would read another tensor's memory: one host sync
+        lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{OP}: topk_idx values must lie in [0, {num_experts}) (gate_proj has "
+                             f"{num_experts} experts), got [{lo}, {hi}]")
     if top_k == 0:
         raise ValueError(f"{OP}: topk_idx must choose at least one expert per token, got shape {tuple(topk_idx.shape)}")
     if num_tokens == 0:
