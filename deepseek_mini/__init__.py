@@ -24,6 +24,12 @@ _EXPORTS = {
     "load_lora": "lora",
     "QuantLinear": "quant",
     "quantize_model": "quant",
+    "Trainer": "train",
+    "TrainConfig": "train",
+    "ByteBPETokenizer": "tokenizer",
+    "train_bpe": "tokenizer",
+    "stdlib_corpus": "corpus",
+    "arithmetic_task": "tasks",
 }
 
 
