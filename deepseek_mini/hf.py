@@ -136,6 +136,8 @@ def config_from_hf(hf: dict) -> DeepseekConfig:
 
 def hf_model_type(config: DeepseekConfig) -> str:
     """Which transformers architecture reproduces this config exactly (or a ValueError saying why none)."""
+    if config.capacity_factor is not None:
+        raise ValueError("save_pretrained: capacity_factor (dropping tokens) has no transformers equivalent")
     if not config.n_routed_experts or (config.scoring_func, config.topk_method) == ("sigmoid", "noaux_tc"):
         return "deepseek_v3"
     if config.scoring_func == "softmax" and config.topk_method in ("greedy", "group_limited_greedy"):

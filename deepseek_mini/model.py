@@ -86,6 +86,7 @@ class DeepseekConfig:
     pad_token_id: int | None = None
     # not Hugging Face fields: how this library runs the model
     absorb_mla: bool = False               # run MLA in the absorbed form (latent-only cache)
+    capacity_factor: float | None = None   # expert capacity for experiments (None: drop nothing)
 
     def __post_init__(self):
         def bad(name, expected):
@@ -179,7 +180,7 @@ class Block(nn.Module):
                            n_group=config.n_group or 1, topk_group=config.topk_group or 1,
                            norm_topk_prob=config.norm_topk_prob,
                            routed_scaling_factor=config.routed_scaling_factor,
-                           aux_loss_alpha=config.aux_loss_alpha)
+                           aux_loss_alpha=config.aux_loss_alpha, capacity_factor=config.capacity_factor)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

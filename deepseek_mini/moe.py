@@ -20,10 +20,13 @@ Read top to bottom:
      Training helpers: `update_bias` (the aux-loss-free rule) and an optional auxiliary
      load-balancing loss (`aux_loss_alpha`).
   3. `Experts`: the routed experts' weights, stacked [E, ...] like transformers 5.x.
-  4. `MoE`: gate + routed experts + shared experts.
+  4. `MoE`: gate + routed experts + shared experts, with an optional expert capacity
+     (`apply_capacity`: slots beyond an expert's capacity are dropped).
 The last routing of every gate stays readable for plots: `gate.last_topk_idx`, `last_topk_weight`,
 `last_scores` (one row per token of the last forward).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +200,22 @@ def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts:
     return n_experts * (fraction * probs.mean(dim=0)).sum()
 
 
+def apply_capacity(topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int,
+                   capacity_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert capacity (GShard / Switch Transformer): each expert takes at most
+    ceil(capacity_factor * N * K / n_experts) of the N*K routed slots, first come (token order,
+    then slot) first served; the slots over capacity are dropped, i.e. get weight 0 (the token
+    still has the shared experts and the residual). Returns (topk_weight with drops zeroed,
+    dropped mask [N, K]). DeepSeek-V3 itself drops no tokens; this is for experiments."""
+    if capacity_factor <= 0:
+        raise ValueError(f"apply_capacity: capacity_factor must be > 0, got {capacity_factor}")
+    capacity = math.ceil(capacity_factor * topk_idx.numel() / n_experts)
+    onehot = F.one_hot(topk_idx.flatten(), n_experts)                # [N*K, E], row-major = token order
+    position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1        # rank of each slot in its expert's queue
+    dropped = (position >= capacity).view(topk_idx.shape)
+    return topk_weight.masked_fill(dropped, 0.0), dropped
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Stacked routed experts
 # ----------------------------------------------------------------------------------------------
@@ -227,8 +246,10 @@ class MoE(nn.Module):
     """y = routed experts (weighted by the gate) + shared experts (every token), same shape as x."""
 
     def __init__(self, dim: int, moe_inter_dim: int, n_routed_experts: int, n_shared_experts: int,
-                 top_k: int, **gate_kwargs):
+                 top_k: int, capacity_factor: float | None = None, **gate_kwargs):
         super().__init__()
+        self.capacity_factor = capacity_factor  # None: no token is ever dropped (DeepSeek-V3)
+        self.last_dropped = None
         self.gate = Gate(dim, n_routed_experts, top_k, **gate_kwargs)
         self.experts = Experts(n_routed_experts, dim, moe_inter_dim)
         # the shared experts are one MLP as wide as all of them together (as in HF / DeepSeek)
@@ -238,6 +259,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat)
+        if self.capacity_factor is not None:
+            topk_weight, self.last_dropped = apply_capacity(topk_idx, topk_weight, self.gate.n_experts,
+                                                            self.capacity_factor)
         y = self.experts(flat, topk_idx, topk_weight).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

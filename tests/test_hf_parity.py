@@ -161,6 +161,9 @@ def test_save_refuses_what_transformers_cannot_represent(tmp_path):
     model = DeepseekModel(DeepseekConfig(scoring_func="softmax", topk_method="greedy", norm_topk_prob=True))
     with pytest.raises(ValueError, match="norm_topk_prob"):
         save_pretrained(model, tmp_path)
+    model = DeepseekModel(DeepseekConfig(capacity_factor=1.25))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        save_pretrained(model, tmp_path)
     model = DeepseekModel(DeepseekConfig(scoring_func="sigmoid", topk_method="greedy"))
     with pytest.raises(ValueError, match="no transformers equivalent"):
         save_pretrained(model, tmp_path)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepseek_mini import backend
-from deepseek_mini.moe import Gate, MoE, load_balancing_loss, routed_experts
+from deepseek_mini.moe import Gate, MoE, apply_capacity, load_balancing_loss, routed_experts
 
 
 def dense_reference(x, idx, w, gate_proj, up_proj, down_proj):
@@ -190,3 +190,24 @@ def test_correction_bias_stays_float32_when_the_model_is_cast():
     torch.testing.assert_close(gate.e_score_correction_bias, torch.linspace(0, 1e-3, 8), atol=0, rtol=0)
     idx, w = gate(torch.randn(4, 16, dtype=torch.bfloat16))
     assert w.dtype == torch.float32 and idx.shape == (4, 2)
+
+
+def test_capacity_drops_the_late_slots_of_overloaded_experts():
+    # 4 tokens x 2 slots over 4 experts: capacity = ceil(1.0 * 8 / 4) = 2 slots per expert
+    idx = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 0]])
+    w = torch.ones(4, 2)
+    new_w, dropped = apply_capacity(idx, w, 4, capacity_factor=1.0)
+    # expert 0 is picked 4 times: its 3rd and 4th slots (token 2 slot 0, token 3 slot 1) are dropped
+    assert dropped.tolist() == [[False, False], [False, False], [True, False], [False, True]]
+    assert torch.equal(new_w, (~dropped).float())
+    assert not apply_capacity(idx, w, 4, capacity_factor=2.0)[1].any()
+    with pytest.raises(ValueError, match="capacity_factor"):
+        apply_capacity(idx, w, 4, capacity_factor=0)
+    moe = MoE(16, 8, n_routed_experts=4, n_shared_experts=0, top_k=2, capacity_factor=0.5)
+    x = torch.randn(12, 16)
+    y = moe(x)
+    e, gate = moe.experts, moe.gate
+    kept = gate.last_topk_weight.masked_fill(moe.last_dropped, 0.0)
+    assert moe.last_dropped.sum() >= 12  # at most 4 experts x ceil(0.5*24/4)=3 slots = 12 of 24 kept
+    torch.testing.assert_close(y, dense_reference(x, gate.last_topk_idx, kept, e.gate_proj, e.up_proj, e.down_proj),
+                               atol=1e-5, rtol=1e-5)
