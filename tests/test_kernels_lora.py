@@ -70,13 +70,15 @@ def test_fused_lora_adapter_grads_when_the_input_needs_none():
     _check((7,), 40, 24, 4, torch.float16, train_x=False)
 
 
-def test_lora_matmul_writes_output_and_thin_product_into_poisoned_buffers():
+def test_lora_matmul_writes_every_element_of_a_poisoned_buffer():
     p, q = torch.randn(19, 40), torch.randn(40, 70)
-    lo, r = torch.randn(40, 5), torch.randn(5, 70)
-    out, t = torch.full((19, 70), float("nan")), torch.full((19, 5), float("nan"))
-    fl.lora_matmul(p, q, lo, r, 0.25, out=out, t_out=t)
-    torch.testing.assert_close(t, p @ lo, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out, p @ q + 0.25 * (p @ lo) @ r, atol=1e-4, rtol=1e-5)
+    t, r = torch.randn(19, 5), torch.randn(5, 70)
+    out = torch.full((19, 70), float("nan"))
+    fl.lora_matmul(p, q, t, r, 0.25, out=out)
+    torch.testing.assert_close(out, p @ q + 0.25 * t @ r, atol=1e-4, rtol=1e-5)
+    # the weights are read through transposed views (no copy): strides must be honoured
+    w, b = torch.randn(70, 40), torch.randn(70, 5)
+    torch.testing.assert_close(fl.lora_matmul(p, w.t(), t, b.t(), 2.0), p @ w.t() + 2.0 * t @ b.t(), atol=1e-4, rtol=1e-5)
 
 
 def test_lora_linear_module_dispatches_to_the_kernel_when_triton_is_forced():

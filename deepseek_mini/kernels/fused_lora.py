@@ -1,18 +1,23 @@
-"""Fused LoRA linear in Triton: y = x W^T + b + scaling * (x A^T) B^T in one pass.
+"""Fused LoRA linear in Triton: y = x W^T + b + scaling * (x A^T) B^T, the output in one pass.
 
 Reference: `deepseek_mini.lora.lora_linear`. peft computes the same thing as three matmuls and
-two adds (base(x), then lora_B(lora_A(x)) * scaling, then the sum), so the output is written
-and read again and x is read twice. Here each program owns one [BLOCK_M, BLOCK_N] output tile:
-while it walks K for the base product x W^T it also accumulates the thin product
-t = x A^T ([BLOCK_M, r], the same x tiles, already loaded), and in the epilogue adds
-scaling * t B^T for its columns and the bias before the single store. The extra work is the
-r / BLOCK_N share of recomputing t per column tile (r = 16, BLOCK_N = 128: ~12%).
+two elementwise passes (base(x); lora_B(lora_A(x)); * scaling; +), so the [M, out] output is
+written, read and written again, twice. Here the thin product t = x A^T ([M, r], r ~ 8-64)
+comes first (one small cuBLAS matmul, exactly the reference's rounding), and then one kernel
+computes the base GEMM x W^T and, in its epilogue, adds scaling * t B^T for its columns and the
+bias before the single store of each output tile.
+
+Why t is not computed inside the GEMM's K loop (which would save that extra read of x): every
+column tile of the output would recompute it, r / BLOCK_N more tensor-core work (12% for
+r = 16, 50% for r = 64 at BLOCK_N = 128), more than one extra read of x costs.
 
 The backward has the same shape, so the same kernel serves it with other operands:
-    dx = dy W + (scaling * dy B) A          (P = dy, Q = W, L = B, R = A)
-    dA = scaling * (dy B)^T x,   dB = scaling * dy^T (x A^T),   dW = dy^T x (if W trains)
-The kernel writes the thin products t = x A^T (forward) and dy B (backward) as a by-product,
-so the small weight gradients are two thin cuBLAS matmuls.
+    dx = dy W + scaling * (dy B) A          (P = dy, Q = W, T = dy B, R = A)
+    dA = scaling * (dy B)^T x,   dB = scaling * dy^T t,   dW = dy^T x (only if W trains)
+where dy B, dA and dB are thin cuBLAS matmuls.
+
+On a GPU the tile sizes are autotuned; in the Triton interpreter (CPU) one small config runs
+and loads are upcast to float32 (the interpreter's bfloat16 arithmetic is wrong).
 """
 
 import torch
@@ -34,15 +39,15 @@ _CONFIGS = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS"])
 @triton.jit
 def _lora_matmul_kernel(
-    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, t_ptr, M, N, K, R, scaling,
+    p_ptr, q_ptr, t_ptr, r_ptr, bias_ptr, out_ptr, M, N, K, R, scaling,
     M_BUCKET,  # next power of two of M: the autotuning key
-    stride_pm, stride_pk, stride_qk, stride_qn, stride_lk, stride_lr, stride_rr, stride_rn,
-    stride_om, stride_on, stride_tm, stride_tr,
-    HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, UPCAST: tl.constexpr,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_tm, stride_tr, stride_rr, stride_rn,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out = P @ Q + scaling * (P @ L) @ Rm (+ bias); t = P @ L written when STORE_T.
-    P [M, K], Q [K, N], L [K, R], Rm [R, N], all addressed through strides."""
+    """out = P @ Q + scaling * T @ Rm (+ bias) for P [M, K], Q [K, N], T [M, R], Rm [R, N],
+    all addressed through strides (the weights are read through transposed views)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,7 +58,6 @@ def _lora_matmul_kernel(
     col_ok = cols < N
     rank_ok = ranks < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
         k_ok = k < K
@@ -61,76 +65,66 @@ def _lora_matmul_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q = tl.load(q_ptr + k[:, None] * stride_qk + cols[None, :] * stride_qn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        lo = tl.load(l_ptr + k[:, None] * stride_lk + ranks[None, :] * stride_lr,
-                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
             q = q.to(tl.float32)
-            lo = lo.to(tl.float32)
         acc += tl.dot(p, q)
-        t += tl.dot(p, lo)
-    # the thin product is rounded to the input dtype, as the reference's (x A^T) is
-    t_in = t.to(p_ptr.dtype.element_ty)
+    # epilogue: the low-rank update and the bias join the accumulator before the one store
+    t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     r = tl.load(r_ptr + ranks[:, None] * stride_rr + cols[None, :] * stride_rn,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     if UPCAST:
-        t_in = t_in.to(tl.float32)
+        t = t.to(tl.float32)
         r = r.to(tl.float32)
-    acc += scaling * tl.dot(t_in, r)
+    acc += scaling * tl.dot(t, r)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if STORE_T:  # every column tile computed the same t; the first one writes it
-        tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
-                 t_in.to(t_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :] & (pid_n == 0))
 
 
-def lora_matmul(p, q, lo, r, scaling, bias=None, *, out=None, t_out=None):
-    """Launch the fused kernel on matrix views: returns (out [M, N], t [M, rank]) with
-    out = p @ q + scaling * (p @ lo) @ r (+ bias) and t = p @ lo rounded to p's dtype.
+def lora_matmul(p, q, t, r, scaling, bias=None, *, out=None):
+    """Launch the fused kernel on matrix views: out = p @ q + scaling * t @ r (+ bias), [M, N].
 
-    p [M, K] contiguous; q [K, N], lo [K, rank], r [rank, N] any strides (transposed views of
-    the stored weights); out, t_out: optional preallocated outputs.
+    p [M, K] and t [M, rank] contiguous; q [K, N] and r [rank, N] any strides (transposed
+    views of the stored weights); bias [N] or None; out: optional preallocated [M, N] output.
     """
     check_tensor(OP, "p", p, ndim=2)
     m, k = p.shape
     check_tensor(OP, "q", q, ndim=2, contiguous=False)
     n = q.shape[1]
     check_tensor(OP, "q", q, shape=(k, n), contiguous=False)
-    check_tensor(OP, "lo", lo, ndim=2, contiguous=False)
-    rank = lo.shape[1]
-    check_tensor(OP, "lo", lo, shape=(k, rank), contiguous=False)
+    check_tensor(OP, "t", t, ndim=2)
+    rank = t.shape[1]
+    check_tensor(OP, "t", t, shape=(m, rank))
     check_tensor(OP, "r", r, shape=(rank, n), contiguous=False)
     if bias is not None:
         check_tensor(OP, "bias", bias, shape=(n,))
-    check_same_dtype(OP, p=p, q=q, lo=lo, r=r, bias=bias)
-    check_same_device(OP, p=p, q=q, lo=lo, r=r, bias=bias)
+    check_same_dtype(OP, p=p, q=q, t=t, r=r, bias=bias)
+    check_same_device(OP, p=p, q=q, t=t, r=r, bias=bias)
     if out is None:
         out = torch.empty(m, n, dtype=p.dtype, device=p.device)
-    if t_out is None:
-        t_out = torch.empty(m, rank, dtype=p.dtype, device=p.device)
     check_tensor(OP, "out", out, shape=(m, n), dtypes=(p.dtype,))
-    check_tensor(OP, "t_out", t_out, shape=(m, rank), dtypes=(p.dtype,))
     block_r = max(16, triton.next_power_of_2(rank))  # tl.dot needs >= 16 along each dimension
     if m and n:
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
         _lora_matmul_kernel[grid](
-            p, q, lo, r, bias if bias is not None else p, out, t_out, m, n, k, rank, float(scaling),
+            p, q, t, r, bias if bias is not None else p, out, m, n, k, rank, float(scaling),
             triton.next_power_of_2(m),
-            p.stride(0), p.stride(1), q.stride(0), q.stride(1), lo.stride(0), lo.stride(1),
-            r.stride(0), r.stride(1), out.stride(0), out.stride(1), t_out.stride(0), t_out.stride(1),
-            HAS_BIAS=bias is not None, STORE_T=True, UPCAST=interpreting(), BLOCK_R=block_r)
-    return out, t_out
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), t.stride(0), t.stride(1),
+            r.stride(0), r.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, UPCAST=interpreting(), BLOCK_R=block_r)
+    return out
 
 
 class FusedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        # forward: P = x, Q = W^T, L = A^T, R = B^T
-        y, xa = lora_matmul(x, weight.t(), lora_A.t(), lora_B.t(), scaling, bias)
+        xa = x @ lora_A.t()  # the thin product [M, r], rounded to x's dtype like the reference
+        y = lora_matmul(x, weight.t(), xa, lora_B.t(), scaling, bias)  # P = x, Q = W^T, T = xa, R = B^T
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
@@ -142,10 +136,8 @@ class FusedLoRAFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
         dy = dy.to(x.dtype).contiguous()
         s = ctx.scaling
-        if need_x:  # P = dy, Q = W, L = B, R = A gives dx = dy W + s (dy B) A and t = dy B
-            dx, dyb = lora_matmul(dy, weight, lora_B, lora_A, s)
-        else:  # e.g. the first layer: only the thin product is needed
-            dx, dyb = None, dy @ lora_B
+        dyb = dy @ lora_B  # [M, r]
+        dx = lora_matmul(dy, weight, dyb, lora_A, s) if need_x else None  # dy W + s (dy B) A
         d_a = (dyb.t() @ x) * s if need_a else None
         d_b = (dy.t() @ xa) * s if need_bb else None
         d_w = dy.t() @ x if need_w else None
