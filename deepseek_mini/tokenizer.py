@@ -123,7 +123,12 @@ class ByteBPETokenizer:
         ordinary text; append `eot_id` yourself to separate documents."""
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be str, got {type(text).__name__} (use encode_bytes for bytes)")
-        return self.encode_bytes(text.encode("utf-8"))
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud83d" has no UTF-8 form
+            raise ValueError(f"encode: text has {text[e.start]!r} at index {e.start}, a lone surrogate that is "
+                             "not valid Unicode text; fix the string or pass bytes to encode_bytes") from None
+        return self.encode_bytes(data)
 
     # --- decoding -----------------------------------------------------------------------
     def decode_bytes(self, ids) -> bytes:

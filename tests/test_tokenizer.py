@@ -78,6 +78,8 @@ def test_bad_inputs_have_clear_errors(tok):
         tok.encode(b"bytes")
     with pytest.raises(TypeError, match="data must be bytes"):
         tok.encode_bytes("str")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode("half an emoji \ud83d")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([tok.vocab_size])
     with pytest.raises(ValueError, match="vocab_size must be an int >= 257"):

@@ -277,3 +277,23 @@ def test_progress_bar_and_plot(capsys):
     assert "train" in capsys.readouterr().err  # tqdm writes its bar to stderr outside notebooks
     ax = plot_history(trainer)
     assert len(ax.lines) == 2 and ax.lines[0].get_ydata().tolist() == losses(trainer)
+
+
+def test_deepseek_model_with_gradient_checkpointing_and_bf16():
+    """The trainer drives our DeepseekModel (MLA + MoE): recomputing activations in the backward
+    pass changes nothing, and bf16 autocast stays close to fp32."""
+    from deepseek_mini.model import DeepseekConfig, DeepseekModel
+
+    def run(**cfg):
+        torch.manual_seed(0)
+        model = DeepseekModel(DeepseekConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2))
+        trainer = Trainer(model, TrainConfig(max_steps=3, progress=False, **cfg), batches)
+        trainer.fit()
+        return model, losses(trainer)
+
+    _, plain = run()
+    model, checkpointed = run(gradient_checkpointing=True)
+    assert model.gradient_checkpointing is True
+    assert checkpointed == pytest.approx(plain, rel=1e-6)
+    _, bf16 = run(precision="bf16")
+    assert bf16 == pytest.approx(plain, rel=2e-2) and bf16 != plain
