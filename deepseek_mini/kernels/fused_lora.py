@@ -45,11 +45,20 @@ def _lora_matmul_kernel(
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """out = P @ Q + scaling * T @ Rm (+ bias) for P [M, K], Q [K, N], T [M, R], Rm [R, N],
     all addressed through strides (the weights are read through transposed views)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # program order: GROUP_M row tiles share each column tile in turn, so the weight tile they
+    # all read is still in L2 (a 1-D launch walked column by column within groups of rows)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, BLOCK_R)
@@ -109,14 +118,14 @@ def lora_matmul(p, q, t, r, scaling, bias=None, *, out=None):
     block_r = max(16, triton.next_power_of_2(rank))  # tl.dot needs >= 16 along each dimension
     if m and n:
         def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         _lora_matmul_kernel[grid](
             p, q, t, r, bias if bias is not None else p, out, m, n, k, rank, float(scaling),
             triton.next_power_of_2(m),
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), t.stride(0), t.stride(1),
             r.stride(0), r.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, UPCAST=interpreting(), BLOCK_R=block_r)
+            HAS_BIAS=bias is not None, UPCAST=interpreting(), BLOCK_R=block_r, GROUP_M=8)
     return out
 
 
