@@ -15,8 +15,12 @@ Conventions:
     loss when `aux_loss_alpha > 0` in training) and `.logits`.
   * `model.generate(input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None)`:
     temperature 0 is greedy; the KV cache makes each new token one short forward.
-  * `model.gradient_checkpointing = True` recomputes each block in the backward pass.
-  * `model.routing()` gives the last forward's expert choices per MoE layer (for plots).
+  * `model.gradient_checkpointing_enable()` recomputes each block in the backward pass.
+  * `model.routing()` gives the last forward's expert choices per MoE layer (for plots);
+    `model.update_expert_biases(speed)` after an optimizer step is DeepSeek-V3's aux-loss-free
+    load balancing.
+  * `model.num_parameters(active=True)` counts the parameters one token uses.
+  * Padding masks are not supported: a batch holds sequences of equal length.
 """
 
 import dataclasses

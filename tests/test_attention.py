@@ -109,3 +109,12 @@ def test_kv_cache_bytes_formulas():
         kv_cache_bytes_per_token("gqa", n_layers=2, n_heads=8, k_head_dim=4)
     with pytest.raises(ValueError, match="kind must be"):
         kv_cache_bytes_per_token("mlaa", n_layers=2)
+
+
+def test_kv_cache_refuses_a_different_number_of_tensors():
+    cache = KVCache()
+    k = torch.randn(1, 2, 3, 4)
+    assert cache.seq_len(0) == 0
+    cache.update(0, k, k)
+    with pytest.raises(ValueError, match="caches 2 tensors, got 1"):
+        cache.update(0, k)

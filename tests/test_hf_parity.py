@@ -28,12 +28,17 @@ V3_CASES = {
     "half_rope_one_group_yarn_bias": dict(q_lora_rank=20, n_group=1, topk_group=1, norm_topk_prob=True,
                                           first_k_dense_replace=1, rope_interleave=False, rope_parameters=YARN_PLAIN,
                                           attention_bias=True, rms_norm_eps=1e-5, n_shared_experts=2),
+    "three_layers_16_experts_top4": dict(num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                                         topk_group=2, q_lora_rank=16, first_k_dense_replace=1, hidden_size=48,
+                                         num_attention_heads=6, rope_parameters=YARN, routed_scaling_factor=2.5),
 }
 V2_CASES = {
     "greedy_no_q_lora_yarn_dense1": dict(q_lora_rank=None, topk_method="greedy", first_k_dense_replace=1,
                                          rope_parameters=YARN, routed_scaling_factor=1.0),
     "group_limited_q_lora_dense0": dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                         first_k_dense_replace=0, routed_scaling_factor=2.0),
+    "three_layers_shared2_top3": dict(num_hidden_layers=3, q_lora_rank=None, topk_method="greedy", n_shared_experts=2,
+                                      num_experts_per_tok=3, first_k_dense_replace=1, routed_scaling_factor=16.0),
 }
 
 
