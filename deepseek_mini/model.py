@@ -302,13 +302,14 @@ class DeepseekModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Append up to max_new_tokens tokens to input_ids [batch, seq] and return [batch, seq + new].
 
         temperature 0 picks the most likely token (greedy); otherwise sample from
         softmax(logits / temperature), restricted to the top_k tokens and/or the smallest set whose
         probability reaches top_p. Sequences that produced eos_token_id keep producing it; the loop
-        stops early once all have.
+        stops early once all have. use_cache=False recomputes the whole sequence at every step
+        (same tokens, much slower: what the KV cache saves).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -318,7 +319,7 @@ class DeepseekModel(nn.Module):
             raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        cache = KVCache()
+        cache = KVCache() if use_cache else None
         out = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, cache=cache)[:, -1]
@@ -330,7 +331,7 @@ class DeepseekModel(nn.Module):
             out = torch.cat((out, next_token[:, None]), dim=1)
             if eos_token_id is not None and done.all():
                 break
-            logits = self(next_token[:, None], cache=cache)[:, -1]
+            logits = self(next_token[:, None], cache=cache)[:, -1] if use_cache else self(out)[:, -1]
         return out
 
     # ------------------------------------------------------------------------------------------

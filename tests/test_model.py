@@ -46,6 +46,7 @@ def test_cached_generation_equals_recomputation(absorb):
     prompt = torch.randint(0, 50, (2, 5))
     generated = model.generate(prompt, max_new_tokens=15)  # runs past the initial rope table (16)
     assert generated.shape == (2, 20) and torch.equal(generated[:, :5], prompt)
+    assert torch.equal(model.generate(prompt, max_new_tokens=15, use_cache=False), generated)
     # recompute from scratch: each generated token is the argmax of a full forward on its prefix
     for t in range(5, 20):
         assert torch.equal(model(generated[:, :t])[:, -1].argmax(-1), generated[:, t])
