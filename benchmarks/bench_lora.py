@@ -1,4 +1,4 @@
-"""Fused LoRA linear (base matmul + low-rank path in one kernel) against peft.
+"""Fused LoRA linear (the base GEMM with the low-rank update and bias in its epilogue) against peft.
 
 Peer, on the same weights and inputs in the same run: peft's `lora.Linear` wrapping an
 nn.Linear (what `get_peft_model` injects): base(x) + lora_B(lora_A(dropout(x))) * scaling with
