@@ -55,6 +55,15 @@ _IGNORED = {
     "initializer_range", "pretraining_tp", "ep_size", "num_nextn_predict_layers", "num_mtp_layers", "seq_aux",
     "aux_loss_alpha", "router_aux_loss_coef", "head_dim", "qk_head_dim", "num_key_value_heads",
     "tie_encoder_decoder", "use_return_dict", "bos_token_id", "eos_token_id", "pad_token_id",
+    # generic fields older transformers versions wrote into every config.json
+    "_attn_implementation_autoset", "_attn_implementation", "attn_implementation", "use_bfloat16", "torchscript",
+    "tf_legacy_loss", "pruned_heads", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "finetuning_task", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 }
 # fields we take over one to one
 _COPIED = {
