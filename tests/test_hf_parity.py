@@ -180,3 +180,27 @@ def test_v2_norm_topk_prob_follows_transformers_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="norm_topk_prob"):
         ours = load_pretrained(tmp_path)
     assert_same_logits(hf, ours)
+
+
+def test_hub_style_v3_config_and_mtp_layer(tmp_path):
+    """config.json as DeepSeek published it (rope_scaling, scoring_func, topk_method, ...) and an
+    extra multi-token-prediction layer after the last block, which is skipped like transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model(3, V3_CASES["no_q_lora_groups4_nonorm_yarn"])
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    cfg.update(rope_scaling=rope, scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
+               seq_aux=True, aux_loss_alpha=0.001, num_nextn_predict_layers=1, torch_dtype="float32",
+               auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    for key in ("dtype", "head_dim", "qk_head_dim"):
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "model.safetensors")
+    n = cfg["num_hidden_layers"]
+    tensors.update({k.replace("layers.1.", f"layers.{n}."): v.clone() for k, v in tensors.items() if ".layers.1." in k})
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert_same_logits(hf, load_pretrained(tmp_path))
