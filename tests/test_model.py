@@ -202,3 +202,18 @@ def test_triton_path_matches_reference(absorb):
     with backend.forced("triton"):
         torch.testing.assert_close(model(ids), reference, atol=1e-4, rtol=1e-4)
         assert torch.equal(model.generate(ids[:, :3], 3), generated)
+
+
+@pytest.mark.parametrize("absorb,kind", [(False, "mha"), (True, "mla")])
+def test_measured_cache_size_matches_the_formula(absorb, kind):
+    from deepseek_mini.attention import kv_cache_bytes_per_token
+
+    model = small_model(absorb_mla=absorb)
+    cfg = model.config
+    cache = KVCache()
+    model(torch.randint(0, 50, (3, 7)), cache=cache)
+    per_token = kv_cache_bytes_per_token(kind, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                                         k_head_dim=cfg.qk_head_dim, v_head_dim=cfg.v_head_dim,
+                                         kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                                         bytes_per_value=8)  # float64 model
+    assert cache.nbytes() == 3 * 7 * per_token
