@@ -169,7 +169,9 @@ def _build(recipe: Recipe, corpus, folder: Path, *, progress: bool, replace: boo
     from .tokenizer import train_bpe_fast
     from .train import TrainConfig, Trainer
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
+    if progress:
+        print(f"pretrained: building {folder.name} into {folder.parent} (first time only; later calls load it)")
     train_docs, val_docs = corpus.split(recipe.val_fraction, seed=recipe.seed)
     # the Rust fast path learns the same merges as tokenizer.train_bpe (tested), in seconds
     tokenizer = train_bpe_fast(train_docs.documents, recipe.vocab_size)
@@ -199,6 +201,7 @@ def _build(recipe: Recipe, corpus, folder: Path, *, progress: bool, replace: boo
         "train_tokens": train_tokens.numel(),
         "val_tokens": val_tokens.numel(),
         "build_seconds": time.perf_counter() - started,
+        "build_cpu_seconds": time.process_time() - started_cpu,  # all threads; = wall time when alone
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "threads": torch.get_num_threads(),
