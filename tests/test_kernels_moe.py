@@ -88,6 +88,21 @@ def test_fused_moe_accepts_int32_expert_ids():
     torch.testing.assert_close(fm.fused_moe(x, idx.int(), w, gate, up, down), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_moe_under_autocast_runs_in_the_autocast_dtype():
+    # float32 master weights, fp16 autocast (bf16 arithmetic is wrong in the interpreter)
+    x, idx, w, gate, up, down = _problem(9, 32, 24, 4, 2, torch.float32)
+    weights = [t.clone().requires_grad_(True) for t in (gate, up, down)]
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = fm.fused_moe(x, idx, w, *weights)
+        y_ref = moe.routed_experts(x, idx, w, *[t.detach() for t in weights])
+    assert y.dtype == y_ref.dtype == torch.float32  # the reference returns x's dtype
+    _assert_close(y, y_ref, 1e-2, "output")
+    # and the matmuls really ran in fp16: the result differs from a float32 run by fp16 rounding
+    assert (y - moe.routed_experts(x, idx, w, gate, up, down)).abs().max() > 1e-5
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in weights)
+
+
 def test_moe_align_groups_pairs_by_expert_and_pads():
     idx = torch.tensor([[2, 0], [2, 3], [0, 2], [3, 2], [2, 0]])
     num_pairs, block_m, num_experts = idx.numel(), 4, 5

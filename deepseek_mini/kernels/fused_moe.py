@@ -370,6 +370,15 @@ def fused_moe(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
     Differentiable in x, topk_weight and the three weights.
     """
     check_tensor(OP, "x", x, ndim=2, contiguous=False)  # activations: copied if strided (weights are not)
+    if torch.is_autocast_enabled(x.device.type):
+        # what autocast does to the reference's F.linear calls: matmuls in the autocast dtype, the
+        # result back in x's dtype like the reference's scatter-add (the casts are differentiable,
+        # so float32 master weights still get their gradients)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            y = fused_moe(x.to(dtype), topk_idx, topk_weight, gate_proj.to(dtype), up_proj.to(dtype),
+                          down_proj.to(dtype))
+        return y.to(x.dtype)
     num_tokens, dim = x.shape
     check_tensor(OP, "gate_proj", gate_proj, ndim=3)
     num_experts, inter = gate_proj.shape[:2]
