@@ -122,6 +122,16 @@ def test_quant_linear_dispatches_to_the_kernel_when_triton_is_forced(scheme):
     _assert_close(y, expected, 1e-5)
 
 
+def test_weight_only_matmul_under_autocast_matches_quant_linear():
+    layer = quant.QuantLinear.from_linear(torch.nn.Linear(64, 40).to(DEVICE), "int8")
+    x = torch.randn(5, 64, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        expected = layer(x)  # the reference: F.linear under autocast
+        y = qm.int8_matmul(x, layer.weight, layer.weight_scale, bias=layer.bias)
+    assert y.dtype == expected.dtype == torch.float16
+    _assert_close(y, expected, REL_TOL[torch.float16])
+
+
 def test_quant_matmul_rejects_bad_input_with_clear_errors():
     q, scale, _ = quant.quantize_int8(torch.randn(8, 32))
     with pytest.raises(ValueError, match=r"x has shape \(4, 16\), expected \(\.\.\., 32\)"):

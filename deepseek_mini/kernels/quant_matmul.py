@@ -170,6 +170,14 @@ def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
     return out.reshape(*lead, n)
 
 
+def _autocast(x, bias):
+    """Under torch.autocast, run in its dtype as F.linear (the reference) would."""
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), None if bias is None else bias.to(dtype)
+    return x, bias
+
+
 def _check_x_bias(op, x, k, n, bias):
     check_tensor(op, "x", x)
     if x.dim() < 1 or x.shape[-1] != k:
@@ -203,6 +211,7 @@ def int8_matmul(x, q, scale, zero_point=None, bias=None):
     (per tensor); zero_point int [N]/[] like scale, or None (symmetric); bias [N] or None.
     """
     op = "int8_matmul"
+    x, bias = _autocast(x, bias)
     check_tensor(op, "q", q, ndim=2, dtypes=(torch.int8,))
     n, k = q.shape
     _check_x_bias(op, x, k, n, bias)
@@ -227,6 +236,7 @@ def int4_matmul(x, packed, scales, group_size=128, bias=None):
     x [..., K]; packed uint8 [N, K // 2] (`quant.pack_int4` layout); scales float [N, K // group_size].
     """
     op = "int4_matmul"
+    x, bias = _autocast(x, bias)
     check_tensor(op, "packed", packed, ndim=2, dtypes=(torch.uint8,))
     n, k = packed.shape[0], packed.shape[1] * 2
     _check_x_bias(op, x, k, n, bias)
@@ -246,6 +256,7 @@ def fp8_weight_matmul(x, w_fp8, scale_inv, block_size=128, bias=None):
     """y = x @ dequantize_fp8_block(w_fp8, scale_inv)^T (+ bias): FP8 weights, x in its own dtype
     (what `QuantLinear(scheme="fp8")` computes). For FP8 activations too, see `fp8_block_gemm`."""
     op = "fp8_weight_matmul"
+    x, bias = _autocast(x, bias)
     check_tensor(op, "w_fp8", w_fp8, ndim=2, dtypes=(FP8_DTYPE,))
     n, k = w_fp8.shape
     _check_x_bias(op, x, k, n, bias)
