@@ -297,3 +297,31 @@ def test_deepseek_model_with_gradient_checkpointing_and_bf16():
     assert checkpointed == pytest.approx(plain, rel=1e-6)
     _, bf16 = run(precision="bf16")
     assert bf16 == pytest.approx(plain, rel=2e-2) and bf16 != plain
+
+
+def test_lora_fine_tuning_uses_the_same_trainer_and_resumes_exactly(tmp_path):
+    """inject_lora freezes the base: only adapters reach AdamW, the base weights stay
+    bit-identical, the loss goes down, and a checkpoint resumes to the same losses."""
+    from deepseek_mini.lora import inject_lora
+    from deepseek_mini.model import DeepseekConfig, DeepseekModel
+
+    def lora_trainer():
+        torch.manual_seed(0)
+        model = DeepseekModel(DeepseekConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2))
+        inject_lora(model, ["q_b_proj", "kv_b_proj", "o_proj"], r=4, alpha=8)
+        return model, Trainer(model, TrainConfig(max_steps=8, lr=1e-2, progress=False), batches)
+
+    model, full = lora_trainer()
+    base = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimized = [p for g in full.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in optimized} == {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    full.fit()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert losses(full)[-1] < losses(full)[0]
+
+    _, first = lora_trainer()
+    first.fit(steps=3)
+    first.save_checkpoint(tmp_path / "lora")
+    _, resumed = lora_trainer()
+    resumed.load_checkpoint(tmp_path / "lora").fit()
+    assert losses(resumed) == losses(full)
