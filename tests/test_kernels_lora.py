@@ -104,6 +104,19 @@ def test_lora_linear_module_dispatches_to_the_kernel_when_triton_is_forced():
     torch.testing.assert_close(layer.lora_B.grad, grad_b, atol=1e-4, rtol=1e-5)
 
 
+def test_fused_lora_under_autocast_matches_reference():
+    x, w, b = torch.randn(6, 32, device=DEVICE), torch.randn(24, 32, device=DEVICE), torch.randn(24, device=DEVICE)
+    a = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    bb = torch.randn(24, 4, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        expected = lora.lora_linear(x, w, b, a, bb, 0.5)
+        y = fl.fused_lora_linear(x, w, b, a, bb, 0.5)
+    assert y.dtype == expected.dtype == torch.float16
+    _assert_close(y, expected, REL_TOL[torch.float16], "output")
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and torch.isfinite(bb.grad).all()
+
+
 def test_fused_lora_rejects_bad_input_with_clear_errors():
     x, w, a, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(4, 16), torch.randn(8, 4)
     with pytest.raises(ValueError, match=r"x has shape \(3, 12\), expected \(\.\.\., 16\)"):

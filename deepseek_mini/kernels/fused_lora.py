@@ -158,9 +158,13 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling):
     """Fused, differentiable LoRA linear; same contract as `deepseek_mini.lora.lora_linear`.
 
     x [..., in]; weight [out, in]; bias [out] or None; lora_A [r, in]; lora_B [out, r];
-    scaling a Python float (alpha / r, or alpha / sqrt(r) for rsLoRA). All in one float dtype.
+    scaling a Python float (alpha / r, or alpha / sqrt(r) for rsLoRA). All in one float dtype,
+    except under torch.autocast, where all run in its dtype (as the reference's F.linear calls do).
     Returns x W^T + b + scaling * (x A^T) B^T, shape [..., out].
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_A, lora_B = (None if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B))
     check_tensor(OP, "weight", weight, ndim=2, contiguous=False)
     n, k = weight.shape
     check_tensor(OP, "x", x, contiguous=False)
