@@ -272,7 +272,14 @@ def gate_up_swiglu(x, gate_proj, up_proj, align, top_k, *, save=True, out=None, 
     """One launch: for every pair p, gate = x[p // top_k] @ gate_proj[e]^T, up likewise, and
     h = silu(gate) * up. Returns (h, gate, up) [P, I]; gate and up are None when save=False."""
     sorted_ids, block_expert, _ = align
+    check_tensor(OP, "x", x, ndim=2)
+    check_tensor(OP, "gate_proj", gate_proj, ndim=3)
     num_pairs, (num_experts, inter, dim) = x.shape[0] * top_k, gate_proj.shape
+    # one set of strides addresses both weights: both contiguous with the same shape
+    check_tensor(OP, "gate_proj", gate_proj, shape=(num_experts, inter, x.shape[1]))
+    check_tensor(OP, "up_proj", up_proj, shape=(num_experts, inter, dim))
+    check_same_dtype(OP, x=x, gate_proj=gate_proj, up_proj=up_proj)
+    check_same_device(OP, x=x, gate_proj=gate_proj, up_proj=up_proj, sorted_ids=sorted_ids)
     alloc = lambda: torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # noqa: E731
     h = alloc() if out is None else out
     gate = (alloc() if gate_out is None else gate_out) if save else None
@@ -294,11 +301,21 @@ def grouped_weight_grad(x, y, align, num_experts, *, x_row_div=1, y_row_div=1, s
     """out[e] = sum over expert e's pairs p of (scale[p] x[p // x_row_div])^T y[p // y_row_div],
     shape [E, M, N] for x [*, M] and y [*, N]: the gradient of every expert's weight at once."""
     sorted_ids, _, expert_offsets = align
+    check_tensor(OP, "x", x, ndim=2)
+    check_tensor(OP, "y", y, ndim=2)
+    check_same_dtype(OP, x=x, y=y)
     m, n = x.shape[1], y.shape[1]
     num_pairs = x.shape[0] * x_row_div
+    if y.shape[0] * y_row_div != num_pairs:
+        raise ValueError(f"{OP}: x {tuple(x.shape)} (rows x {x_row_div}) and y {tuple(y.shape)} "
+                         f"(rows x {y_row_div}) must cover the same number of pairs")
+    if scale is not None:
+        check_tensor(OP, "scale", scale, shape=(num_pairs,), dtypes=None)
     if out is None:
         out = torch.empty(num_experts, m, n, dtype=y.dtype, device=y.device)
     check_tensor(OP, "out", out, shape=(num_experts, m, n), dtypes=None)
+    check_same_device(OP, x=x, y=y, out=out, sorted_ids=sorted_ids)
+
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), num_experts
 
