@@ -337,9 +337,10 @@ def _moe_forward(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj, save):
     num_experts = gate_proj.shape[0]
     align = moe_align(topk_idx, num_experts, _block_m(num_tokens * top_k, num_experts))
     h, gate, up = gate_up_swiglu(x, gate_proj, up_proj, align, top_k, save=save)
-    # per-pair outputs kept in float32 so the K-way sum below does not round in bf16
-    y_pairs = grouped_gemm(h, down_proj, align, scale=topk_weight.reshape(-1), out_dtype=torch.float32)
-    return y_pairs.view(num_tokens, top_k, -1).sum(1).to(x.dtype), (gate, up, *align)
+    y_pairs = grouped_gemm(h, down_proj, align, scale=topk_weight.reshape(-1))
+    # torch sums half-precision values in float32 and rounds once (the reference's index_add
+    # rounds after every add)
+    return y_pairs.view(num_tokens, top_k, -1).sum(1), (gate, up, *align)
 
 
 class FusedMoEFunction(torch.autograd.Function):
