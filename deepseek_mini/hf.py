@@ -54,7 +54,7 @@ _IGNORED = {
     "id2label", "label2id", "problem_type", "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class",
     "initializer_range", "pretraining_tp", "ep_size", "num_nextn_predict_layers", "num_mtp_layers", "seq_aux",
     "aux_loss_alpha", "router_aux_loss_coef", "head_dim", "qk_head_dim", "num_key_value_heads",
-    "tie_encoder_decoder", "use_return_dict", "bos_token_id", "eos_token_id", "pad_token_id",
+    "tie_encoder_decoder", "use_return_dict", "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id",
     # generic fields older transformers versions wrote into every config.json
     "_attn_implementation_autoset", "_attn_implementation", "attn_implementation", "use_bfloat16", "torchscript",
     "tf_legacy_loss", "pruned_heads", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
@@ -86,8 +86,7 @@ def config_from_hf(hf: dict) -> DeepseekConfig:
     unknown = set(hf) - _IGNORED - _COPIED - _ROPE_FIELDS - _V2_ONLY
     if unknown:
         raise ValueError(f"config.json: unsupported field(s) {sorted(unknown)} (they may change the model's math)")
-    if hf.get("quantization_config"):
-        raise ValueError("config.json: quantization_config is not supported (dequantize the checkpoint to bf16/fp32 first)")
+    fp8_block_size(hf)  # an FP8 release is dequantized on load; any other quantization is refused
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported (DeepSeek MLPs have no bias)")
     cfg = dict(_DEFAULTS[model_type])
@@ -194,6 +193,22 @@ _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_pr
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 
 
+def fp8_block_size(hf: dict) -> int | None:
+    """Block size of an FP8 checkpoint (DeepSeek-V3's own release: e4m3, 128x128 blocks), or None.
+
+    Such a checkpoint stores each linear weight as float8_e4m3fn plus a `weight_scale_inv` per
+    block; load_pretrained dequantizes them (deepseek_mini.quant) into the requested dtype.
+    """
+    qc = hf.get("quantization_config")
+    if not qc:
+        return None
+    block = qc.get("weight_block_size", [128, 128])
+    if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3" or len(block) != 2 or block[0] != block[1]:
+        raise ValueError(f"config.json: quantization_config {qc} is not supported; only DeepSeek-V3's FP8 "
+                         "format (quant_method 'fp8', fmt 'e4m3', square weight_block_size) is")
+    return int(block[0])
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -212,12 +227,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig) -> dict[str, torch.Tensor]:
-    """Rename Hugging Face keys to ours and stack per-expert weights into [E, ...] tensors."""
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
+                       fp8_block: int | None = None) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face keys to ours and stack per-expert weights into [E, ...] tensors.
+
+    `fp8_block`: the block size from an FP8 checkpoint's quantization_config; its float8 weights
+    and their `weight_scale_inv` are dequantized to float32 first."""
     fp8 = [k for k in tensors if k.endswith("weight_scale_inv")]
+    if fp8 and fp8_block is None:
+        raise ValueError(f"load_pretrained: found FP8 scales ({fp8[0]!r}, ...) but config.json has no FP8 "
+                         "quantization_config saying how they are laid out")
     if fp8:
-        raise ValueError(f"load_pretrained: FP8 checkpoints are not supported (found {fp8[0]!r}, ...); "
-                         "dequantize to bf16/fp32 first (deepseek_mini.quant.dequantize_fp8_block)")
+        from deepseek_mini.quant import dequantize_fp8_state_dict
+
+        tensors = dequantize_fp8_state_dict(tensors, block_size=fp8_block, dtype=torch.float32)
     out, experts, unexpected = {}, {}, []
     for key, t in tensors.items():
         name = key.removeprefix("model.")
@@ -255,8 +278,9 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"load_pretrained: {config_file} does not exist")
-    config = config_from_hf(json.loads(config_file.read_text()))
-    state = state_dict_from_hf(_read_safetensors(path), config)
+    hf_config = json.loads(config_file.read_text())
+    config = config_from_hf(hf_config)
+    state = state_dict_from_hf(_read_safetensors(path), config, fp8_block=fp8_block_size(hf_config))
     model = DeepseekModel(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:

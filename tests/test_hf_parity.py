@@ -204,3 +204,48 @@ def test_hub_style_v3_config_and_mtp_layer(tmp_path):
     tensors.update({k.replace("layers.1.", f"layers.{n}."): v.clone() for k, v in tensors.items() if ".layers.1." in k})
     save_file(tensors, tmp_path / "model.safetensors")
     assert_same_logits(hf, load_pretrained(tmp_path))
+
+
+def test_fp8_checkpoint_is_dequantized_on_load(tmp_path):
+    """DeepSeek-V3 ships FP8 weights with one `weight_scale_inv` per 128x128 block; loading such a
+    folder gives the model whose weights are the dequantized blocks (transformers' logits on them)."""
+    from safetensors.torch import load_file, save_file
+
+    from deepseek_mini.quant import dequantize_fp8_block, quantize_fp8_block
+
+    hf = hf_model(3, V3_CASES["q_lora_groups2_norm_dense1"])
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    fp8, dequantized = {}, {}
+    for key, t in tensors.items():
+        is_linear = key.endswith("proj.weight") and t.dim() == 2  # the projections are FP8 in the release
+        if is_linear:
+            q, scale_inv = quantize_fp8_block(t.float(), block_size=16)
+            fp8[key], fp8[key + "_scale_inv"] = q, scale_inv
+            dequantized[key] = dequantize_fp8_block(q, scale_inv, block_size=16)
+        else:
+            fp8[key] = dequantized[key] = t
+    assert any(k.endswith("weight_scale_inv") for k in fp8)
+    save_file(fp8, tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+
+    # without the quantization_config the scales cannot be interpreted: a clear error
+    with pytest.raises(ValueError, match="FP8 scales"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {**quant, "fmt": "e5m2"}}))
+    with pytest.raises(ValueError, match="quantization_config"):
+        load_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    ours = load_pretrained(tmp_path)
+    # the reference: transformers on a plain float checkpoint holding the dequantized weights
+    float_dir = tmp_path / "dequantized"
+    float_dir.mkdir()
+    (float_dir / "config.json").write_text(json.dumps(cfg))
+    save_file(dequantized, float_dir / "model.safetensors")
+    reference = transformers.DeepseekV3ForCausalLM.from_pretrained(float_dir).eval()
+    assert_same_logits(reference, ours)
+    with torch.no_grad():  # and quantization really happened: the FP8 model differs from the original
+        ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+        assert not torch.allclose(ours(ids), hf(ids).logits, atol=1e-4)
