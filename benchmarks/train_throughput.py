@@ -3,8 +3,10 @@
 Both models get the same config (the tiny pretrained recipe's by default), the same weights
 (ours saved with `hf.save_pretrained`, loaded by transformers), the same batches of real
 tokens, and the same loop (`train.Trainer`: AdamW, clipping, warmup + cosine). Each model takes
-a few warm-up steps, then `--steps` timed steps; the figure is tokens per second of training
-(forward + backward + optimizer). Printed as a markdown table with the ratio ours / theirs.
+a few warm-up steps, then `--steps` timed steps, the two models alternating step by step so
+that a busy machine slows both alike; the figure is tokens per second of training (forward +
+backward + optimizer) from the median step time. Printed as a markdown table with the ratio
+ours / theirs.
 
     python benchmarks/train_throughput.py                 # defaults: tiny recipe, 20 steps
     python benchmarks/train_throughput.py --threads 2 --steps 30 --batch-size 16 --seq-len 128
@@ -15,6 +17,7 @@ kernels. Needs transformers (the `dev` extra).
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,17 +35,22 @@ from deepseek_mini.tokenizer import train_bpe_fast  # noqa: E402
 from deepseek_mini.train import TrainConfig, Trainer  # noqa: E402
 
 
-def tokens_per_second(model, batches, steps: int, warmup: int) -> tuple[float, list[float]]:
+def interleaved_tokens_per_second(models: dict, batches, steps: int, warmup: int) -> dict:
+    """Train every model with its own Trainer, alternating one step each, so a change in the
+    machine's load during the run hits all models alike. Returns name -> (tokens/s from the
+    median step time, losses)."""
+    tokens_per_step = batches(0)["input_ids"].numel()
     config = TrainConfig(max_steps=warmup + steps, lr=1e-3, warmup_steps=1, progress=False)
-    trainer = Trainer(model, config, batches)
-    for _ in range(warmup):  # first steps allocate buffers and optimizer state
-        trainer.train_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
-    seconds = time.perf_counter() - start
-    tokens = trainer.history[-1]["tokens"] - trainer.history[warmup - 1]["tokens"] if warmup else trainer.tokens_seen
-    return tokens / seconds, [r["loss"] for r in trainer.history]
+    trainers = {name: Trainer(model, config, batches) for name, model in models.items()}
+    times = {name: [] for name in models}
+    for step in range(warmup + steps):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step()
+            if step >= warmup:  # the first steps allocate buffers and optimizer state
+                times[name].append(time.perf_counter() - start)
+    return {name: (tokens_per_step / statistics.median(times[name]), [r["loss"] for r in trainers[name].history])
+            for name in models}
 
 
 def main(argv=None):
@@ -73,15 +81,13 @@ def main(argv=None):
         theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     attn = getattr(theirs.config, "_attn_implementation", "?")
 
-    results = {}
-    for name, model in (("deepseek_mini DeepseekModel", ours), ("transformers DeepseekV3ForCausalLM", theirs)):
-        results[name] = tokens_per_second(model, batches, args.steps, args.warmup)
-    (ours_tps, ours_losses), (theirs_tps, theirs_losses) = results.values()
+    results = interleaved_tokens_per_second({"ours": ours, "transformers": theirs}, batches, args.steps, args.warmup)
+    (ours_tps, ours_losses), (theirs_tps, theirs_losses) = results["ours"], results["transformers"]
 
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"CPU training throughput, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{os.cpu_count()} logical CPUs; batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{args.steps} timed steps after {args.warmup} warm-up; {n_params:,} parameters "
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up; {n_params:,} parameters "
           f"({ours.num_parameters(active=True):,} active); transformers attention: {attn}\n")
     print("| model | tokens/s | ratio to transformers |")
     print("|---|---:|---:|")
