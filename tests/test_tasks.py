@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deepseek_mini.tasks import (Example, TaskBatches, arithmetic_task, encode_example, evaluate_exact_match,
+from deepseek_mini.tasks import (TaskBatches, arithmetic_task, encode_example, evaluate_exact_match,
                                  exact_match, greedy_complete)
 from deepseek_mini.tokenizer import train_bpe_fast
 
