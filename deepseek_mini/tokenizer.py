@@ -69,8 +69,10 @@ class ByteBPETokenizer:
             merged = self.vocab[a] + self.vocab[b]
             if self.vocab.setdefault(new, merged) != merged:
                 raise ValueError(f"merges: id {new} is given two different byte strings")
+        if max(self.vocab) != len(self.vocab) - 1:
+            raise ValueError(f"merges: token ids must run 0..{len(self.vocab) - 1} without gaps, the largest is {max(self.vocab)}")
         self._rank = {pair: r for r, pair in enumerate(self.merges)}
-        first_special = max(self.vocab) + 1
+        first_special = len(self.vocab)
         self.special_tokens = {tok: first_special + i for i, tok in enumerate(special_tokens)}
         self._cache: dict[bytes, list[int]] = {}
 
@@ -170,8 +172,8 @@ class ByteBPETokenizer:
         merges = {(a, b): new for a, b, new in d["merges"]}
         return cls(merges, special_tokens=d["special_tokens"], pattern=d["pattern"])
 
-    def token_strings(self) -> list[str]:
-        """Readable form of each merged token's pair, e.g. ('Ġ', 'the'), for teaching plots."""
+    def token_strings(self) -> list[tuple[str, str]]:
+        """Each merge as a readable pair, e.g. ('Ġ', 'the') (GPT-2 printable characters)."""
         show = lambda i: "".join(_BYTE_CHAR[b] for b in self.vocab[i])  # noqa: E731
         return [(show(a), show(b)) for a, b in self.merges]
 

@@ -150,6 +150,11 @@ def test_save_load_round_trip(tok, tmp_path):
     assert again.merges == tok.merges and again.special_tokens == tok.special_tokens
     for text in TEXTS + WEIRD:
         assert again.encode(text) == tok.encode(text)
+    assert again.token_strings()[:3] == tok.token_strings()[:3] and all(len(p) == 2 for p in tok.token_strings())
+    with pytest.raises(ValueError, match="without gaps"):
+        ByteBPETokenizer({(97, 98): 300})
+    with pytest.raises(ValueError, match="no earlier merge created"):
+        ByteBPETokenizer({(97, 400): 256})
     path.write_text('{"type": "other"}')
     with pytest.raises(ValueError, match="not a byte_bpe tokenizer"):
         ByteBPETokenizer.load(path)
