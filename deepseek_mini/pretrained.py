@@ -16,6 +16,7 @@ A build writes into a temporary folder next to the cache and renames it into pla
 complete, so a crash or a second concurrent build never leaves a half-written model behind.
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -97,7 +98,7 @@ def pretrained(name: str = "tiny", *, rebuild: bool = False, progress: bool = Tr
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"pretrained: unknown recipe fields {sorted(unknown)}; known: {sorted(known)}")
-    recipe = dataclasses.replace(RECIPES[name], **overrides)
+    recipe = dataclasses.replace(copy.deepcopy(RECIPES[name]), **overrides)  # never alias the registry's dict
 
     from .corpus import stdlib_corpus
 
