@@ -194,9 +194,16 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             # transposed scores s^T [BLOCK_N, BLOCK_M], so dV and dK come out without transposes
             s_t = tl.dot(k, tl.trans(q)) * qk_scale
             p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
-            visible = _band_mask(offs_m[None, :] + q_offset, offs_n[:, None], T, window, CAUSAL, HAS_WINDOW)
-            visible = visible & row_ok[None, :]
-            p_t = tl.where(visible, p_t, 0.0)
+            # as in the forward, only tiles that straddle an edge of the band (or of the
+            # sequences) pay for the mask
+            straddles = (start_m + BLOCK_M > S) | (first_k + BLOCK_N > T)
+            if CAUSAL:
+                straddles = straddles | (start_m + q_offset < first_k + BLOCK_N - 1)
+            if HAS_WINDOW:
+                straddles = straddles | (start_m + BLOCK_M - 1 + q_offset - window >= first_k)
+            if straddles:
+                visible = _band_mask(offs_m[None, :] + q_offset, offs_n[:, None], T, window, CAUSAL, HAS_WINDOW)
+                p_t = tl.where(visible & row_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
@@ -260,7 +267,13 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        p = tl.where(_band_mask(offs_m[:, None] + q_offset, kn[None, :], T, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        straddles = start_n + BLOCK_N > T
+        if CAUSAL:
+            straddles = straddles | (start_n + BLOCK_N - 1 > first_q)
+        if HAS_WINDOW:
+            straddles = straddles | (start_n <= first_q + BLOCK_M - 1 - window)
+        if straddles:
+            p = tl.where(_band_mask(offs_m[:, None] + q_offset, kn[None, :], T, window, CAUSAL, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -279,10 +292,11 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 def _gpu_configs(block_d, kind):
     if kind == "fwd":
-        # the last two are for decode (a handful of queries): big query blocks would be idle rows
+        # (16, 64) and (32, 64) are for decode (a handful of queries): big query blocks would idle
         shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)]
     else:
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+    shapes.append((32, 32, 4, 1))  # fits shared memory for every dtype and head size (fp32 d256)
     configs = []
     for bm, bn, warps, stages in shapes:
         if block_d >= 256 and bm * bn > 64 * 64:
