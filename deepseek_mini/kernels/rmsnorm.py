@@ -67,6 +67,8 @@ def _launch_config(n_cols):
 
 def _check(x, weight):
     check_tensor(OP, "x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{OP}: x must have a non-empty last dimension to normalise, got shape {tuple(x.shape)}")
     check_tensor(OP, "weight", weight, shape=(x.shape[-1],))
     check_same_device(OP, x=x, weight=weight)
 
