@@ -51,8 +51,11 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid (a 2-D grid caps batch * heads at 65535); the query blocks of one head are
+    # neighbours, so programs running together share that head's keys and values in L2
+    n_blocks = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = (pid_bh // n_q_heads).to(tl.int64)
     h = (pid_bh % n_q_heads).to(tl.int64)
     hk = h // group
@@ -126,8 +129,11 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, sdb, sdh, sds, n_q_heads, S, DV,
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta = rowsum(dO * O) per query row (O is contiguous, dO may be strided)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid (a 2-D grid caps batch * heads at 65535); the query blocks of one head are
+    # neighbours, so programs running together share that head's keys and values in L2
+    n_blocks = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = (pid_bh // n_q_heads).to(tl.int64)
     h = (pid_bh % n_q_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,8 +152,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    n_blocks = tl.cdiv(T, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_bhk = tl.program_id(0) // n_blocks
     b = (pid_bhk // n_kv_heads).to(tl.int64)
     hk = (pid_bhk % n_kv_heads).to(tl.int64)
     q_offset = T - S
@@ -223,8 +230,11 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid (a 2-D grid caps batch * heads at 65535); the query blocks of one head are
+    # neighbours, so programs running together share that head's keys and values in L2
+    n_blocks = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = (pid_bh // n_q_heads).to(tl.int64)
     h = (pid_bh % n_q_heads).to(tl.int64)
     hk = h // group
@@ -328,11 +338,11 @@ def _size_bucket(S, T):
 
 def _launch(kernel, kind, grid_len, grid_heads, ref, block_d, *args, **constexprs):
     if _interpreting(ref):
-        grid = (grid_len(_INTERPRETER_BLOCKS), grid_heads)
+        grid = (grid_len(_INTERPRETER_BLOCKS) * grid_heads,)
         kernel[grid](*args, **constexprs, **_INTERPRETER_BLOCKS)
     else:
         tuned = _launcher(kernel, kind, block_d)
-        tuned[lambda meta: (grid_len(meta), grid_heads)](*args, **constexprs)
+        tuned[lambda meta: (grid_len(meta) * grid_heads,)](*args, **constexprs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +414,7 @@ def flash_attention_backward(do, q, k, v, out, lse, causal=True, window=None, sc
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     block_m_delta = 16 if _interpreting(q) else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(S, block_m_delta), B * Hq)](
+    _attn_bwd_delta_kernel[(triton.cdiv(S, block_m_delta) * B * Hq,)](
         out, do, delta, do.stride(0), do.stride(1), do.stride(2), Hq, S, DV,
         BLOCK_M=block_m_delta, BLOCK_DV=flags["BLOCK_DV"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

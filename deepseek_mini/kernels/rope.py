@@ -25,8 +25,9 @@ OP = "rope"
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, seq, half,
                  stride_xb, stride_xh, stride_xs, sin_sign,
                  INTERLEAVED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(seq, BLOCK_S)  # one flat grid: a 2-D grid caps batch * heads at 65535
+    pid_s = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -67,7 +68,7 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
     block_s = max(1, min(triton.next_power_of_2(seq), 4096 // block_half))  # ~4k pairs a program
-    grid = (triton.cdiv(seq, block_s), batch * heads)
+    grid = (triton.cdiv(seq, block_s) * batch * heads,)
     _rope_kernel[grid](x, cos, sin, out, heads, seq, half, x.stride(0), x.stride(1), x.stride(2),
                        -1.0 if inverse else 1.0, INTERLEAVED=bool(interleaved),
                        BLOCK_S=block_s, BLOCK_HALF=block_half, num_warps=4)
