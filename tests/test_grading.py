@@ -287,7 +287,7 @@ def test_tricky_submissions(course):
     # real tests and scores 0; the deleted one earns no automatic points and is flagged for the
     # instructor in formgrader.
     assert scores["cheater"]["test_standardize"] == 0, f"an edited test cell was not caught: {scores['cheater']}"
-    assert scores["cheater"]["test_scaled_add_kernel"] is None and flagged["cheater"] == {"test_scaled_add_kernel"}, (
+    assert not scores["cheater"]["test_scaled_add_kernel"] and flagged["cheater"] == {"test_scaled_add_kernel"}, (
         f"a deleted test cell was not caught: {scores['cheater']}, flagged {flagged['cheater']}")
     assert total["cheater"] == 0
 
