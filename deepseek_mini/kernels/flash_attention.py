@@ -129,8 +129,6 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, sdb, sdh, sds, n_q_heads, S, DV,
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     """delta = rowsum(dO * O) per query row (O is contiguous, dO may be strided)."""
-    # one flat grid (a 2-D grid caps batch * heads at 65535); the query blocks of one head are
-    # neighbours, so programs running together share that head's keys and values in L2
     n_blocks = tl.cdiv(S, BLOCK_M)
     pid_m = tl.program_id(0) % n_blocks
     pid_bh = tl.program_id(0) // n_blocks
@@ -230,8 +228,6 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # one flat grid (a 2-D grid caps batch * heads at 65535); the query blocks of one head are
-    # neighbours, so programs running together share that head's keys and values in L2
     n_blocks = tl.cdiv(S, BLOCK_M)
     pid_m = tl.program_id(0) % n_blocks
     pid_bh = tl.program_id(0) // n_blocks
