@@ -175,13 +175,20 @@ def course(tmp_path_factory):
     return base / "course"
 
 
-def test_exercises_are_up_to_date(course):
-    made = sorted(p.relative_to(course.parent / "exercises") for p in (course.parent / "exercises").rglob("*") if p.is_file())
-    ours = sorted(p.relative_to(EXERCISES) for p in EXERCISES.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    assert made == ours, f"exercises/ holds {ours}, nbgrader makes {made}: run ./scripts/generate-exercises"
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_exercises_are_up_to_date(course, assignment):
+    generated, stored = course.parent / "exercises" / assignment, EXERCISES / assignment
+    made = sorted(p.relative_to(generated) for p in generated.rglob("*") if p.is_file())
+    ours = sorted(p.relative_to(stored) for p in stored.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert made == ours, f"exercises/{assignment} holds {ours}, nbgrader makes {made}: run ./scripts/generate-exercises"
     for rel in made:
-        fresh, stored = (course.parent / "exercises" / rel).read_bytes(), (EXERCISES / rel).read_bytes()
-        assert fresh == stored, f"exercises/{rel} is out of date with solutions/: run ./scripts/generate-exercises"
+        assert (generated / rel).read_bytes() == (stored / rel).read_bytes(), (
+            f"exercises/{assignment}/{rel} is out of date with solutions/: run ./scripts/generate-exercises")
+
+
+def test_every_exercise_comes_from_a_solution():
+    stale = sorted(p.name for p in EXERCISES.iterdir() if p.is_dir() and not (SOLUTIONS / p.name).is_dir())
+    assert not stale, f"exercises/{stale} have no source in solutions/: delete them"
 
 
 def _released_lines(folder: Path) -> set:
