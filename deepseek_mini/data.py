@@ -87,7 +87,7 @@ def load_mnist(source: str = "auto", path=None, *, test_fraction: float = 0.2, s
             try:
                 data = _load_hf(hf_name, **(hf_kwargs or {}))
             except Exception as err:  # offline with an empty cache, a proxy, a broken download
-                notes.append(f"Hugging Face {hf_name} failed ({type(err).__name__}: {err})")
+                notes.append(f"Hugging Face {hf_name} failed ({type(err).__name__}: {str(err)[:200]})")
                 source = "bundled"
             else:
                 return _announce(data, verbose)

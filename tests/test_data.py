@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek_mini import data
 from deepseek_mini.data import MNISTFileError, load_mnist
 
 N_TRAIN, N_TEST = 30, 12
@@ -174,8 +173,8 @@ def test_hugging_face_split_missing_is_a_clear_error(tmp_path, digits, hf_offlin
         load_mnist("hf", hf_name="parquet", hf_kwargs={"data_files": {"train": files["train"]}, "cache_dir": str(hf_offline)})
 
 
-def test_auto_falls_back_to_the_bundled_digits_offline(hf_offline, no_data_home, monkeypatch, capsys):
-    monkeypatch.setattr(data, "HF_NAME", "ylecun/mnist")  # not in the (empty) offline cache
+def test_auto_falls_back_to_the_bundled_digits_offline(hf_offline, no_data_home, capsys):
+    # offline mode with an empty cache: datasets cannot find ylecun/mnist, so the bundled digits
     mnist = load_mnist(hf_kwargs={"cache_dir": str(hf_offline)})
     out = capsys.readouterr().out
     assert mnist.source == "bundled"
