@@ -1,0 +1,188 @@
+"""Typical wrong answers to the graded exercises of 02_mnist_cnn (never released to students).
+
+tests/test_grading.py puts each one in place of its answer cell and checks that the exercise's
+hidden tests fail on it with an assertion message. Keys: the answer cell's grade_id; values:
+{what the mistake is: the code a student might write}.
+"""
+
+_CNN_INIT = """
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc2(self.embed(self.conv_maps(x)))
+"""
+
+_CNN_EMBED = """
+    def embed(self, maps):
+        flat = F.max_pool2d(maps, 2).flatten(1)
+        return F.dropout(F.relu(self.fc1(flat)), 0.25, self.training)
+"""
+
+_CNN_MAPS = """
+    def conv_maps(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        return F.relu(self.conv2(x))
+"""
+
+_GRAD_CAM_HEAD = """
+def grad_cam(model, x, target):
+    maps = model.conv_maps(x)
+    logits = model.fc2(model.embed(maps))
+"""
+
+WRONG_ANSWERS = {
+    "cnn": {
+        "average pooling instead of max pooling": _CNN_INIT + """
+    def conv_maps(self, x):
+        x = F.avg_pool2d(F.relu(self.conv1(x)), 2)
+        return F.relu(self.conv2(x))
+""" + _CNN_EMBED,
+        "no ReLU after conv2": _CNN_INIT + """
+    def conv_maps(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        return self.conv2(x)
+""" + _CNN_EMBED,
+        "dropout left on in evaluation mode": _CNN_INIT + _CNN_MAPS + """
+    def embed(self, maps):
+        flat = F.max_pool2d(maps, 2).flatten(1)
+        return F.dropout(F.relu(self.fc1(flat)), 0.25)
+""",
+        "convolutions without padding (and fc1 sized to match)": """
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3)
+        self.fc1 = nn.Linear(32 * 5 * 5, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc2(self.embed(self.conv_maps(x)))
+""" + _CNN_MAPS + _CNN_EMBED,
+    },
+    "train_step": {
+        "no autocast: the forward pass runs in float32": """
+def train_step(model, optimizer, x, y):
+    model.train()
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+""",
+        "casts the model to bfloat16 instead of autocasting": """
+def train_step(model, optimizer, x, y):
+    model.train()
+    model.bfloat16()
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x.bfloat16()), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+""",
+        "never clears the old gradients": """
+def train_step(model, optimizer, x, y):
+    model.train()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+""",
+        "forgets optimizer.step()": """
+def train_step(model, optimizer, x, y):
+    model.train()
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.item()
+""",
+        "forgets model.train() (dropout stays off)": """
+def train_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+""",
+    },
+    "grad_cam": {
+        "no ReLU on the weighted sum": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = (grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True)
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)).detach()
+""",
+        "channel weights averaged over the channel axis instead of the positions": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = F.relu((grads.mean(dim=1, keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)).detach()
+""",
+        "explains the predicted class, not the target": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.max(dim=1).values.sum(), maps)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)).detach()
+""",
+        "normalised by the batch's maximum, not each image's": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.max().clamp_min(1e-8)).detach()
+""",
+        "nearest-neighbour upsampling": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="nearest")[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)).detach()
+""",
+    },
+    "pca": {
+        "does not centre the data": """
+def pca(x, k):
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return x @ vh[:k].T, vh[:k]
+""",
+        "takes the directions of smallest variance (the last rows of Vh)": """
+def pca(x, k):
+    centred = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ vh[-k:].T, vh[-k:]
+""",
+        "projects the uncentred data": """
+def pca(x, k):
+    centred = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return x @ vh[:k].T, vh[:k]
+""",
+    },
+    "fgsm": {
+        "steps against the gradient (lowers the loss)": """
+def fgsm(model, x, y, eps):
+    x = x.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x - eps * grad.sign()).clamp(0, 1).detach()
+""",
+        "no clipping to [0, 1]": """
+def fgsm(model, x, y, eps):
+    x = x.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).detach()
+""",
+        "the gradient itself instead of its sign": """
+def fgsm(model, x, y, eps):
+    x = x.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad).clamp(0, 1).detach()
+""",
+    },
+}
