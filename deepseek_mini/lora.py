@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepseek_mini import backend
+from deepseek_mini.kernels._checks import fusable
 from deepseek_mini.quant import QuantLinear, _check_names, name_matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,7 +38,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"lora_A must be [r, in={weight.shape[1]}] and lora_B [out={weight.shape[0]}, r], "
                          f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
     # the fused kernel wants one dtype throughout; under autocast the reference lets torch cast
-    if backend.use_triton(x) and not torch.is_autocast_enabled(x.device.type):
+    if fusable(x) and not torch.is_autocast_enabled(x.device.type):
         from deepseek_mini.kernels.fused_lora import fused_lora_linear
 
         return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling)

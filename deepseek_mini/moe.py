@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini import backend
+from deepseek_mini.kernels._checks import fusable
 from deepseek_mini.layers import MLP, swiglu
 
 
@@ -232,7 +232,7 @@ class Experts(nn.Module):
             nn.init.normal_(w, std=0.02)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        if backend.use_triton(x):
+        if fusable(x):
             from deepseek_mini.kernels.fused_moe import fused_moe
             return fused_moe(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)
         return routed_experts(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini import backend
+from deepseek_mini.kernels._checks import fusable
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -401,7 +401,7 @@ class QuantLinear(nn.Module):
         if self.fp8_activations:
             # the FP8 GEMM kernel has no backward: use it only when no gradient is wanted
             wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-            if backend.use_triton(x) and not wants_grad:
+            if fusable(x) and not wants_grad:
                 from deepseek_mini.kernels.quant_matmul import fp8_block_linear
 
                 return fp8_block_linear(x.contiguous(), self.weight, self.weight_scale_inv, self.block_size, bias)
@@ -411,7 +411,7 @@ class QuantLinear(nn.Module):
                                                     x.dtype)
             x = x + (rounded - x).detach() if x.requires_grad else rounded
             return F.linear(x, self.dequantize_weight(x.dtype), bias)
-        if backend.use_triton(x):  # dequantize tile by tile in registers, never the whole weight
+        if fusable(x):  # dequantize tile by tile in registers, never the whole weight
             from deepseek_mini.kernels import quant_matmul as kernels
 
             x = x.contiguous()
@@ -470,7 +470,7 @@ class QuantExperts(nn.Module):
         from deepseek_mini.moe import routed_experts
 
         weights = self.dequantize_weights(x.dtype)
-        if backend.use_triton(x):
+        if fusable(x):
             from deepseek_mini.kernels.fused_moe import fused_moe
             return fused_moe(x, topk_idx, topk_weight, *weights)
         return routed_experts(x, topk_idx, topk_weight, *weights)
