@@ -12,6 +12,7 @@ other's files and out of the instructor's source notebooks.
 import json
 import os
 import pwd
+import re
 import runpy
 import secrets
 import shutil
@@ -31,6 +32,7 @@ from course_answers import answer, solution_code
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_DIR = REPO / "course" / "hub"
+ARTIFACTS = REPO / "test-artifacts"
 COURSE_ID = "deepseek-mini"
 ASSIGNMENT = "00_setup"  # the quickest assignment to autograde: keeps this test in budget
 COURSE_SOURCE = REPO  # setup_workshop.py copies course/, solutions/, exercises/ from here
@@ -137,7 +139,7 @@ def stop_user_processes(user):
 
 
 @pytest.fixture(scope="module")
-def hub():
+def hub(request):
     if os.geteuid() != 0:
         pytest.skip("the hub test creates system accounts and runs servers as them: run as root")
     if not (COURSE_SOURCE / "solutions" / ASSIGNMENT).is_dir():
@@ -185,9 +187,9 @@ def hub():
                 proc.wait()
         if log is not None:
             log.close()
-            hub_log = (root / "hub" / "jupyterhub.log").read_text()
-            if "Traceback" in hub_log:
-                print("--- jupyterhub.log (tail) ---\n" + hub_log[-4000:])
+            if request.session.testsfailed:  # the hub's and the servers' own account of it
+                ARTIFACTS.mkdir(exist_ok=True)
+                shutil.copy2(root / "hub" / "jupyterhub.log", ARTIFACTS / "hub-jupyterhub.log")
         for user in (INSTRUCTOR, *STUDENTS):
             stop_user_processes(user)
             subprocess.run(["userdel", "--remove", user], capture_output=True)
@@ -200,7 +202,24 @@ def source_notebooks():
     return {p.name: nbformat.read(p, as_version=4) for p in sorted(folder.glob("*.ipynb"))}
 
 
+def hub_login(url, name, password):
+    """Log in through the hub's login form, as a browser does; True if the hub let them in."""
+    s = requests.Session()
+    page = s.get(f"{url}/hub/login", timeout=30).text
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page)
+    r = s.post(f"{url}/hub/login", allow_redirects=False, timeout=60,
+               data={"username": name, "password": password, "_xsrf": xsrf.group(1) if xsrf else ""})
+    return r.status_code == 302 and any(c.name.startswith("jupyterhub-hub-login") for c in s.cookies)
+
+
 def test_workshop_flow_through_the_hub(hub):
+    # People log in with their own system password (PAM): never with a wrong or another's one.
+    password = secrets.token_urlsafe(12)
+    subprocess.run(["chpasswd"], input=f"{STUDENT_RIGHT}:{password}", text=True, check=True)
+    assert hub_login(hub.url, STUDENT_RIGHT, password)
+    assert not hub_login(hub.url, STUDENT_RIGHT, password + "x")
+    assert not hub_login(hub.url, STUDENT_WRONG, password)
+
     people = (INSTRUCTOR, *STUDENTS)
     for name in people:
         hub.start_server(name)  # all three start at once, as at the start of a class
