@@ -115,7 +115,9 @@ def run_students(n: int, notebook: Path, threads: int, max_seconds: float, home:
     for i, p in enumerate(procs):
         out, err = p.communicate()
         if i not in timed_out and p.returncode != 0:
-            failures.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+            # nbclient's error ends with the cell's exception: keep its last non-empty lines
+            lines = [line for line in err.splitlines() if line.strip()]
+            failures.append(" / ".join(lines[-3:]) if lines else f"exit {p.returncode}")
     shutil.rmtree(work, ignore_errors=True)
     cpu_seconds = [sum(seen.values()) for i, seen in enumerate(cpu) if i in finished]
     if low_memory:

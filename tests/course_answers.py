@@ -12,14 +12,15 @@ def solution_code(source_nb):
             if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("solution")}
 
 
-def answer(exercise_nb, source_nb, leave_unanswered=()):
-    """Fill every answer cell of `exercise_nb` (in place) except those in `leave_unanswered`,
-    which keep the stub nbgrader released. Returns the grade_ids that were filled."""
+def answer(exercise_nb, source_nb):
+    """Fill every answer cell of `exercise_nb` (in place) with the source's solution code.
+    Returns the grade_ids that were filled."""
     solutions = solution_code(source_nb)
     filled = []
     for cell in exercise_nb.cells:
         grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if cell.cell_type == "code" and grade_id in solutions and grade_id not in leave_unanswered:
+        if cell.cell_type == "code" and grade_id in solutions:
             cell.source = solutions[grade_id]
             filled.append(grade_id)
+    assert filled, "the exercise has no answer cells matching the source notebook"
     return filled
