@@ -16,6 +16,7 @@ what is missing and leaves existing homes, courses and data alone.
 
 import argparse
 import os
+import platform
 import pwd
 import shutil
 import subprocess
@@ -54,7 +55,7 @@ def copy_interpreter(dest: Path) -> Path:
     if binary.exists():
         return binary
     (dest / "bin").mkdir(parents=True)
-    shutil.copy2(Path(sys._base_executable).resolve(), binary)
+    shutil.copy2(base / "bin" / f"python{version}", binary)
     (dest / "lib").mkdir()
     for lib in (base / "lib").glob(f"libpython{version}*.so*"):
         shutil.copy2(lib, dest / "lib" / lib.name)
@@ -99,6 +100,14 @@ def setup_env(root: Path, env: Path) -> Path:
         return target
 
     version = sysconfig.get_python_version()
+    cfg = env / "pyvenv.cfg"
+    env_version = next((line.split("=", 1)[1].strip() for line in cfg.read_text().splitlines()
+                        if line.split("=")[0].strip() in ("version", "version_info")), None) if cfg.is_file() else None
+    if env_version != platform.python_version():
+        raise SystemExit(f"{env_python} cannot be run by other users, and to build a readable copy "
+                         f"this script must run with that environment's own Python "
+                         f"({env_version or 'unknown version'}, this is {platform.python_version()}): "
+                         f"run it as {env_python} course/hub/setup_workshop.py ...")
     python = copy_interpreter(root / "python")
     print(f"[setup] {env_python} is private to root: building {target} on a copy of its "
           f"interpreter ({python}) over the packages in {env}")
