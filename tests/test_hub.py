@@ -128,6 +128,11 @@ def server_environment(user):
     raise AssertionError(f"no server process running as {user}")
 
 
+def readable_by_others(path: Path) -> bool:
+    """Every folder from / down to `path` lets other accounts through (o+x)."""
+    return all(os.stat(p).st_mode & 0o001 for p in [path.resolve(), *path.resolve().parents])
+
+
 def stop_user_processes(user):
     """Anything still running as a test account (its server, kernels) must end before userdel."""
     pids = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True).stdout.split()
@@ -142,6 +147,10 @@ def stop_user_processes(user):
 def hub(request):
     if os.geteuid() != 0:
         pytest.skip("the hub test creates system accounts and runs servers as them: run as root")
+    private = [str(p) for p in (REPO, Path(sys.prefix)) if not readable_by_others(p)]
+    if private:
+        pytest.skip(f"{', '.join(private)} cannot be read by other accounts (a parent folder such "
+                    "as /root is private), so the students' servers could not import the course")
     if not (COURSE_SOURCE / "solutions" / ASSIGNMENT).is_dir():
         pytest.skip(f"solutions/{ASSIGNMENT} is not in this checkout")
     root = Path(tempfile.mkdtemp(prefix=f"dsm-hub-{RUN}-", dir="/tmp"))
