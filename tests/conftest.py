@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Test shapes are tiny: one thread is fastest, and immune to other processes on the machine
+# (a notebook kernel, JupyterLab) competing for the 2 cores, where two spinning OpenMP threads
+# made small ops up to 100x slower. Notebooks run in their own kernels and are not affected.
+torch.set_num_threads(1)
 # ./scripts/system-deps installs these where it can; tests skip only where it could not.
 HAS_CHROMIUM = shutil.which("chromium") is not None
 HAS_PROXY = shutil.which("configurable-http-proxy") is not None

@@ -14,15 +14,6 @@ from deepseek_mini import paths
 from deepseek_mini.pretrained import RECIPES, Recipe, _publish, cache_key, load, pretrained
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These shapes are tiny: one thread is fastest, and immune to other processes
-    competing for the cores (two spinning OpenMP threads can be 100x slower then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 SMALL_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
                    first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,

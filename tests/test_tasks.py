@@ -8,16 +8,6 @@ from deepseek_mini.tasks import (TaskBatches, arithmetic_task, encode_example, e
 from deepseek_mini.tokenizer import train_bpe_fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These shapes are tiny: one thread is fastest, and immune to other processes
-    competing for the cores (two spinning OpenMP threads can be 100x slower then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task():
     return arithmetic_task(n_digits=2, ops="+-", n_train=500, n_test=100, seed=0)

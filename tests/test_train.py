@@ -9,15 +9,6 @@ from torch import nn
 from deepseek_mini.train import TrainConfig, Trainer, causal_lm_loss, lr_at, param_groups, plot_history
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These shapes are tiny: one thread is fastest, and immune to other processes
-    competing for the cores (two spinning OpenMP threads can be 100x slower then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 VOCAB = 40
 
 
