@@ -32,7 +32,10 @@ def _cuda_available() -> bool:
 if BACKEND == "triton" and not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET=1):
+    launchers then compute in float32 (its bfloat16 math is wrong) with one fixed tile config."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
@@ -87,7 +90,7 @@ def describe() -> str:
     if not triton_available():
         return "PyTorch reference ops (triton is not installed on this platform)"
     if BACKEND == "triton":
-        mode = "Triton interpreter on CPU" if INTERPRET else "Triton kernels"
+        mode = "Triton interpreter on CPU" if interpreting() else "Triton kernels"
         return f"{mode} for every op (DEEPSEEK_MINI_BACKEND=triton)"
     if _cuda_available():
         return "Triton kernels on CUDA tensors, PyTorch reference on CPU tensors"

@@ -64,7 +64,7 @@ def _check_compute(rows, problems):
         rows.append(("triton", "not installed (Linux x86-64 only): kernels fall back to PyTorch"))
     else:
         rows.append(("triton", tv))
-    rows.append(("interpreter", "on (TRITON_INTERPRET=1)" if backend.INTERPRET else "off"))
+    rows.append(("interpreter", "on (TRITON_INTERPRET=1)" if backend.interpreting() else "off"))
     rows.append(("ops run as", backend.describe()))
 
 

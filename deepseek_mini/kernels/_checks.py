@@ -5,9 +5,9 @@ device gives garbage or a crash, not an error. Each launcher calls these first s
 input fails in Python with a message that names the argument and what was expected.
 """
 
-import os
-
 import torch
+
+from deepseek_mini import backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -16,8 +16,6 @@ def fusable(*tensors) -> bool:
     """Should the library hand these tensors to a fused kernel? Yes on the Triton backend
     (CUDA tensors, or forced; see deepseek_mini.backend) when every tensor has a dtype the
     kernels take; anything else (float64 for gradcheck, say) stays on the reference."""
-    from deepseek_mini import backend
-
     return backend.use_triton(*tensors) and all(t.dtype in FLOAT_DTYPES for t in tensors)
 
 
@@ -58,7 +56,7 @@ def check_same_device(op, **tensors):
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"{op}: all inputs must be on the same device, got {listing}")
     device = next(iter(devices.values()))
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if device.type == "cpu" and not backend.interpreting():
         raise RuntimeError(f"{op}: inputs are on the CPU but the Triton interpreter is off; "
                            "set TRITON_INTERPRET=1 before importing deepseek_mini (or "
                            "DEEPSEEK_MINI_BACKEND=triton), or use the PyTorch reference")

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
-from deepseek_mini.kernels.fused_moe import autotune_configs, interpreting
+from deepseek_mini.backend import interpreting
+from deepseek_mini.kernels.fused_moe import autotune_configs
 
 OP = "fused_lora"
 

@@ -28,22 +28,15 @@ On a GPU the tile sizes are autotuned; in the Triton interpreter (CPU) one small
 and loads are upcast to float32 (the interpreter's bfloat16 arithmetic is wrong).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from deepseek_mini.backend import interpreting
 from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
 from deepseek_mini.kernels.swiglu import swiglu_backward, swiglu_forward
 
 OP = "fused_moe"
-
-
-def interpreting() -> bool:
-    """True when kernels run in the Triton interpreter (CPU): compute in float32 there, since
-    its bfloat16 math is wrong, and use one fixed tile config."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def autotune_configs(gpu, interpreter):

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from deepseek_mini.kernels._checks import check_same_device, check_tensor
-from deepseek_mini.kernels.fused_moe import autotune_configs, interpreting
+from deepseek_mini.backend import interpreting
+from deepseek_mini.kernels.fused_moe import autotune_configs
 
 OP = "quant_matmul"
 FP8_DTYPE = torch.float8_e4m3fn
