@@ -106,15 +106,21 @@ def test_native_config_saves_as_v3_and_tied_embeddings(tmp_path):
     assert_same_logits(hf, ours)
 
 
-def test_legacy_rope_scaling_fields(tmp_path):
-    # config.json files on the Hub (written by older transformers) use rope_theta + rope_scaling
-    hf = hf_model(2, V2_CASES["greedy_no_q_lora_yarn_dense1"])
-    hf.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+def with_legacy_rope_fields(cfg: dict) -> dict:
+    """A transformers 5 config dict rewritten the way older config.json files say it:
+    rope_theta + rope_scaling (with "type") instead of rope_parameters (with "rope_type")."""
     rope = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rope.pop("rope_theta")
     rope["type"] = rope.pop("rope_type")
     cfg["rope_scaling"] = rope
+    return cfg
+
+
+def test_legacy_rope_scaling_fields(tmp_path):
+    # config.json files on the Hub (written by older transformers) use rope_theta + rope_scaling
+    hf = hf_model(2, V2_CASES["greedy_no_q_lora_yarn_dense1"])
+    hf.save_pretrained(tmp_path)
+    cfg = with_legacy_rope_fields(json.loads((tmp_path / "config.json").read_text()))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert_same_logits(hf, load_pretrained(tmp_path))
 
@@ -189,11 +195,8 @@ def test_hub_style_v3_config_and_mtp_layer(tmp_path):
 
     hf = hf_model(3, V3_CASES["no_q_lora_groups4_nonorm_yarn"])
     hf.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    rope = cfg.pop("rope_parameters")
-    cfg["rope_theta"] = rope.pop("rope_theta")
-    rope["type"] = rope.pop("rope_type")
-    cfg.update(rope_scaling=rope, scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
+    cfg = with_legacy_rope_fields(json.loads((tmp_path / "config.json").read_text()))
+    cfg.update(scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
                seq_aux=True, aux_loss_alpha=0.001, num_nextn_predict_layers=1, torch_dtype="float32",
                auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
     for key in ("dtype", "head_dim", "qk_head_dim"):
