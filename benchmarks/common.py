@@ -15,6 +15,12 @@ from datetime import datetime, timezone
 
 import torch
 
+# `python benchmarks/bench_x.py` puts only benchmarks/ on sys.path: make the repository's
+# deepseek_mini importable too when it is not installed (a GPU box with its own torch + triton)
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(1, _REPO)
+
 # run_all.py measures the peak once and hands it to each script through these variables
 _PEAK_GBPS_ENV = "DEEPSEEK_MINI_PEAK_GBPS"
 _PEAK_TFLOPS_ENV = "DEEPSEEK_MINI_PEAK_TFLOPS"
