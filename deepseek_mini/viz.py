@@ -28,16 +28,25 @@ import torch
 _VISIBLE = str.maketrans({" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192"})
 
 
+def _drawable(ch: str) -> str:
+    """ch itself when matplotlib's default font (DejaVu Sans) has it, else an escape like \\x05,
+    so that labels never trigger "Glyph missing" warnings."""
+    if ch in "\u00b7\u21b5\u2192\u2026\ufffd" or (ch.isprintable() and ord(ch) < 0x0530):
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")
+
+
 def token_labels(tokenizer, ids, max_len: int = 12) -> list[str]:
     """One label per token id: its text with spaces shown as '·', newlines as '↵', tabs as '→',
-    cut to max_len characters (bytes that are not whole UTF-8 characters show as '�')."""
+    other control characters and scripts the default font lacks escaped (\\x05, \\u4e2d), cut to
+    max_len characters (bytes that are not whole UTF-8 characters show as '�')."""
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1:
             raise ValueError(f"token_labels: ids must be 1-D, got shape {tuple(ids.shape)}")
         ids = ids.tolist()
     labels = []
     for i in ids:
-        text = tokenizer.decode([int(i)]).translate(_VISIBLE)
+        text = "".join(_drawable(ch) for ch in tokenizer.decode([int(i)]).translate(_VISIBLE))
         labels.append(text if len(text) <= max_len else text[: max_len - 1] + "\u2026")
     return labels
 

@@ -52,8 +52,26 @@ def test_token_labels_are_visible(tiny):
             return "abcdefghij" * len(ids)
 
     assert viz.token_labels(Long(), [3, 4], max_len=5) == ["abcd\u2026", "abcd\u2026"]
+
+    class Odd:  # control characters and a script DejaVu Sans lacks: escaped, so plots raise no glyph warning
+        def decode(self, ids):
+            return {0: "\x05", 1: "\u4e2d", 2: "\u00e9\ufffd"}[ids[0]]
+
+    assert viz.token_labels(Odd(), [0, 1, 2]) == ["\\x05", "\\u4e2d", "\u00e9\ufffd"]
     with pytest.raises(ValueError, match="1-D"):
         viz.token_labels(tiny.tokenizer, torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_every_token_label_draws_without_a_glyph_warning(tiny):
+    import warnings
+
+    labels = viz.token_labels(tiny.tokenizer, list(range(tiny.tokenizer.vocab_size)))  # all 256 bytes included
+    fig, ax = plt.subplots()
+    for i, label in enumerate(labels):
+        ax.text(0, i, label)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.savefig(__import__("io").BytesIO(), format="png")
 
 
 def test_attention_maps_match_the_layers_own_attention(tiny):
