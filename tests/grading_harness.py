@@ -13,6 +13,7 @@ such cases in one IPython shell (so imports are paid once) and writes one result
 """
 
 import json
+import keyword
 import re
 import subprocess
 import sys
@@ -74,8 +75,10 @@ def solution_lines(path) -> list[str]:
         for region in SOLUTION.findall(source) + HIDDEN.findall(source):
             lines += [line.strip() for line in region.splitlines()]
         public |= {line.strip() for line in HIDDEN.sub("", SOLUTION.sub("", source)).splitlines()}
-    # a hidden test may repeat a visible line such as `out = f(x)`: that is no secret
-    return [line for line in lines if line and not line.startswith("#") and line not in public]
+    # a hidden test may repeat a visible line such as `out = f(x)`: that is no secret; nor is a
+    # line of bare syntax (`else:`, `try:`, `)`) that any released file may also hold
+    return [line for line in lines if line and not line.startswith("#") and line not in public
+            and not all(keyword.iskeyword(word) for word in re.findall(r"[A-Za-z_]\w*", line))]
 
 
 def case(nb: SourceNotebook, exercise: Exercise, answer: str | None = None, hidden_only: bool = False) -> list[str]:
