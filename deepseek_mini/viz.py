@@ -215,9 +215,10 @@ def logit_lens_heatmap(values, *, cell_text=None, x_labels: list[str] | None = N
 
 
 def embedding_scatter(xy, groups: list[str], *, texts: list[str] | None = None, n_texts: int = 30,
-                      title: str | None = None, ax=None, seed: int = 0):
+                      title: str | None = None, ax=None, seed: int = 0, group_order: list[str] | None = None):
     """Points xy [N, 2] coloured by group (a legend with the counts); n_texts of them, picked at
-    random with `seed`, labelled with their text."""
+    random with `seed`, labelled with their text. group_order fixes each group's colour (C0, C1,
+    ... in that order), so several plots agree; the largest group is drawn first, under the others."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -232,9 +233,15 @@ def embedding_scatter(xy, groups: list[str], *, texts: list[str] | None = None, 
     else:
         fig = ax.figure
     groups = list(groups)
-    for i, name in enumerate(dict.fromkeys(groups)):  # first-seen order, stable colours
+    order = list(group_order) if group_order is not None else list(dict.fromkeys(groups))  # default: first seen
+    missing = set(groups) - set(order)
+    if missing:
+        raise ValueError(f"embedding_scatter: groups {sorted(missing)} are not in group_order {order}")
+    counts = {name: sum(g == name for g in groups) for name in order}
+    for name in sorted((n for n in order if counts[n]), key=lambda n: -counts[n]):
         mask = np.array([g == name for g in groups])
-        ax.scatter(p[mask, 0], p[mask, 1], s=8, color=f"C{i % 10}", label=f"{name} ({int(mask.sum())})", alpha=0.8)
+        ax.scatter(p[mask, 0], p[mask, 1], s=8, color=f"C{order.index(name) % 10}", label=f"{name} ({counts[name]})",
+                   alpha=0.8)
     if texts is not None and n_texts:
         rng = np.random.default_rng(seed)
         for i in rng.choice(len(texts), size=min(n_texts, len(texts)), replace=False):

@@ -162,6 +162,12 @@ def test_embedding_scatter():
     assert len(ax.texts) == 3 and ax.get_title() == "emb"
     with pytest.raises(ValueError, match="xy"):
         viz.embedding_scatter(torch.randn(10, 3), groups)
+    # a fixed order gives each group the same colour in every plot, whatever its size
+    fixed = viz.embedding_scatter(xy, groups, group_order=["b", "a", "c"]).axes[0]
+    colours = {t.get_text(): tuple(c.get_facecolor()[0]) for t, c in zip(fixed.get_legend().get_texts(), fixed.collections)}
+    assert colours == {"a (6)": matplotlib.colors.to_rgba("C1", 0.8), "b (4)": matplotlib.colors.to_rgba("C0", 0.8)}
+    with pytest.raises(ValueError, match="group_order"):
+        viz.embedding_scatter(xy, groups, group_order=["a"])
 
 
 def test_explorer_builds_and_redraws_without_a_front_end(tiny, capfd):
