@@ -10,6 +10,7 @@ exercise by exercise (tests/grading_harness.py), so they stay cheap as assignmen
 
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -49,6 +50,15 @@ def nbgrader(*args, cwd, env_extra=None, timeout=900):
 
 def test_course_layout():
     assert ASSIGNMENTS[:2] == ["00_setup", "01_mnist_mlp"], ASSIGNMENTS
+    start = json.loads((ROOT / "course" / "START_HERE.ipynb").read_text())
+    links = set(re.findall(r"\]\((\.\./exercises/[^)]+\.ipynb)\)", "".join("".join(c["source"]) for c in start["cells"])))
+    missing = [p for p in links if not (ROOT / "course" / p).resolve().is_file()]
+    assert not missing, f"course/START_HERE.ipynb links to notebooks that do not exist: {missing}"
+    unlinked = [a for a in ASSIGNMENTS if f"../exercises/{a}/{a}.ipynb" not in links]
+    assert not unlinked, f"course/START_HERE.ipynb has no link to {unlinked}"
+    runtimes = (ROOT / "course" / "RUNTIMES.md").read_text()
+    unmeasured = [a for a in ASSIGNMENTS if f"| {a} |" not in runtimes]
+    assert not unmeasured, f"course/RUNTIMES.md has no row for {unmeasured}: run ./scripts/notebook-runtimes {' '.join(unmeasured)}"
     for assignment in ASSIGNMENTS:
         assert (SOLUTIONS / assignment / "planted_wrong_answers.py").is_file(), f"{assignment} has no planted wrong answers"
         for path in notebooks(assignment):
