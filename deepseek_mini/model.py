@@ -168,23 +168,32 @@ class DeepseekConfig:
 # The transformer block
 # ----------------------------------------------------------------------------------------------
 
+def attention_from_config(config: DeepseekConfig) -> MultiHeadLatentAttention:
+    """One block's Multi-head Latent Attention, sized and configured by the config."""
+    return MultiHeadLatentAttention(
+        config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.qk_nope_head_dim,
+        config.qk_rope_head_dim, config.v_head_dim, q_lora_rank=config.q_lora_rank,
+        softmax_scale=softmax_scale(config.qk_head_dim, config.rope_scaling),
+        rope_interleaved=config.rope_interleave, bias=config.attention_bias, absorb=config.absorb_mla)
+
+
+def moe_from_config(config: DeepseekConfig) -> MoE:
+    """One block's DeepSeekMoE layer (gate, routed and shared experts), configured by the config."""
+    return MoE(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
+               config.n_shared_experts or 0, config.num_experts_per_tok,
+               scoring_func=config.scoring_func, topk_method=config.topk_method,
+               n_group=config.n_group or 1, topk_group=config.topk_group or 1,
+               norm_topk_prob=config.norm_topk_prob, routed_scaling_factor=config.routed_scaling_factor,
+               aux_loss_alpha=config.aux_loss_alpha, capacity_factor=config.capacity_factor)
+
+
 class Block(nn.Module):
     def __init__(self, config: DeepseekConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = MultiHeadLatentAttention(
-            config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.qk_nope_head_dim,
-            config.qk_rope_head_dim, config.v_head_dim, q_lora_rank=config.q_lora_rank,
-            softmax_scale=softmax_scale(config.qk_head_dim, config.rope_scaling),
-            rope_interleaved=config.rope_interleave, bias=config.attention_bias, absorb=config.absorb_mla)
+        self.self_attn = attention_from_config(config)
         if config.is_moe_layer(layer_idx):
-            self.mlp = MoE(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
-                           config.n_shared_experts or 0, config.num_experts_per_tok,
-                           scoring_func=config.scoring_func, topk_method=config.topk_method,
-                           n_group=config.n_group or 1, topk_group=config.topk_group or 1,
-                           norm_topk_prob=config.norm_topk_prob,
-                           routed_scaling_factor=config.routed_scaling_factor,
-                           aux_loss_alpha=config.aux_loss_alpha, capacity_factor=config.capacity_factor)
+            self.mlp = moe_from_config(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
