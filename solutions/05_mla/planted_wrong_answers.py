@@ -128,6 +128,10 @@ WRONG_ANSWERS = {
     per_layer = cfg.kv_lora_rank if kind == "mla" else heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     return cfg.num_hidden_layers * per_layer * bytes_per_value
 """,
+        "value size read from qk_nope_head_dim (equal to v_head_dim in V2 and V3, not in general)": _KV_BYTES_HEAD + """
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if kind == "mla" else heads * (k_dim + cfg.qk_nope_head_dim)
+    return cfg.num_hidden_layers * per_layer * bytes_per_value
+""",
     },
     "compress_expand": {
         "forgets the RMSNorm on the latent": """
@@ -182,6 +186,12 @@ def expand_kv(attn, c_kv):
     out = gqa_attention(q, torch.cat((k_nope, k_pe), -1), v)
     return attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 """,
+        "RoPE layout hard-coded as interleaved instead of attn.rope_interleaved": _NAIVE_HEAD.replace(
+            "attn.rope_interleaved", "True") + """
+    q = torch.cat((q_nope, apply_rope(q_pe, cos, sin, True)), -1)
+    out = gqa_attention(q, torch.cat((k_nope, k_pe), -1), v, scale=attn.softmax_scale)
+    return attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+""",
     },
     "mla_absorbed": {
         "no scale passed: 1/sqrt(rank + rope) of the longer query": _ABSORBED_HEAD + """
@@ -196,6 +206,11 @@ def expand_kv(attn, c_kv):
 """ + _ABSORBED_TAIL,
         "forgets to rotate the shared RoPE key": _ABSORBED_HEAD + """
     k_pe = k_pe[:, None]
+    scale = attn.softmax_scale
+""" + _PER_HEAD_W + _ABSORBED_TAIL,
+        "RoPE layout hard-coded as interleaved instead of attn.rope_interleaved": _ABSORBED_HEAD.replace(
+            "attn.rope_interleaved", "True") + """
+    k_pe = apply_rope(k_pe[:, None], cos, sin, True)
     scale = attn.softmax_scale
 """ + _PER_HEAD_W + _ABSORBED_TAIL,
     },
