@@ -98,6 +98,30 @@ def test_fp8_block_gemm_matches_dequantized_operands(m, n, k, block):
     _assert_close(qm.fp8_block_linear(x, w_fp8, w_scale_inv, block), x @ quant.dequantize_fp8_block(w_fp8, w_scale_inv, block).T, 0.1)
 
 
+@pytest.mark.parametrize("m", [1, 16, 17])  # the split-K GEMV up to 16 rows, GEMM tiles above
+@pytest.mark.parametrize("scheme", ["int8-asym", "int4", "fp8"])
+def test_weight_only_gemv_splits_k_and_adds_the_bias_once(m, scheme):
+    # K = 200 cuts into several splits of the interpreter's 32-wide K tiles, the last one ragged
+    n, k = 37, 200
+    w = torch.randn(n, k, device=DEVICE)
+    x = torch.randn(m, k, device=DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    if scheme == "int8-asym":
+        q, scale, zp = quant.quantize_int8(w, per_channel=True, symmetric=False)
+        run, w_ref = (lambda: qm.int8_matmul(x, q, scale, zp, bias=bias)), quant.dequantize_int8(q, scale, zp)
+    elif scheme == "int4":
+        packed, scales = quant.quantize_int4(w, 40)
+        run, w_ref = (lambda: qm.int4_matmul(x, packed, scales, 40, bias=bias)), quant.dequantize_int4(packed, scales, 40)
+    else:
+        w_fp8, s = quant.quantize_fp8_block(w, 64)
+        run, w_ref = (lambda: qm.fp8_weight_matmul(x, w_fp8, s, 64, bias=bias)), quant.dequantize_fp8_block(w_fp8, s, 64)
+    if m <= qm.GEMV_MAX_M:
+        assert qm._gemv_launch(m, n, k, scheme == "int4", 40, x.device)[3] > 1, "the test must cover several splits"
+    with poison_empty():
+        y = run()
+    _assert_close(y, _reference(x, w_ref, bias), 1e-5)
+
+
 def test_weight_only_matmul_backward_gives_input_and_bias_grads():
     w = torch.randn(40, 64, device=DEVICE)
     q, scale, _ = quant.quantize_int8(w)

@@ -8,6 +8,11 @@ where the speed comes from. The math is exactly the reference's: `QuantLinear.fo
 `deepseek_mini.quant` is F.linear(x, dequantize(...).to(x.dtype)), and the kernel rounds each
 dequantized weight to x's dtype before the dot, too.
 
+Up to 16 rows the work is a GEMV: the first GPU record showed one program per output tile
+leaving most SMs idle (3-23% of HBM bandwidth), so those batches take a split-K kernel instead:
+programs over (column tile, slice of K), each reading its weight slab once along K and writing
+a float32 partial, then one sum over the few splits. Larger batches use autotuned GEMM tiles.
+
 All three formats share one kernel: a weight code per element (int8, fp8, or a 4-bit nibble),
 and a scale (and int8 zero point) looked up at [n // GROUP_N, k // GROUP_K]:
     int8 per channel   scale [N]                          GROUP_N = 1,   no k dependence
@@ -35,12 +40,7 @@ OP = "quant_matmul"
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-# Small batches are bound by reading the weight: narrow N tiles and long K tiles keep more
-# programs (and more bytes) in flight. Large batches get ordinary GEMM tiles.
-_SMALL_M = autotune_configs([({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
-                            [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
-                             (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3)]],
-                           {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
+# Batches above GEMV_MAX_M rows get ordinary autotuned GEMM tiles.
 _LARGE_M = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
                             [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
                            {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
@@ -48,6 +48,7 @@ _FP8_GEMM = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn
                              [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
                               (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
                             {"BLOCK_M": 16, "BLOCK_N": 32})
+GEMV_MAX_M = 16  # up to this many rows: the split-K GEMV (the weight read is the whole cost)
 _WEIGHT_ONLY_KEY = ["M_BUCKET", "N", "K", "GROUP_N", "GROUP_K", "INT4", "HAS_ZP"]
 
 
@@ -104,8 +105,97 @@ def _weight_only_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_weight_only_small_m = triton.autotune(configs=_SMALL_M, key=_WEIGHT_ONLY_KEY)(_weight_only_matmul_kernel)
 _weight_only_large_m = triton.autotune(configs=_LARGE_M, key=_WEIGHT_ONLY_KEY)(_weight_only_matmul_kernel)
+
+
+@triton.jit
+def _dequantize_tile(code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
+                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                     HAS_ZP: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Weight codes [BLOCK_N, BLOCK_K] (float32) at columns `k` -> weights rounded to OUT_DTYPE,
+    exactly like dequantize(..., dtype=x.dtype): (code - zero_point) * scale, then the cast."""
+    if TILE_IN_GROUP:  # the whole tile lies in one K group: one scale per output row
+        s_off = (cols // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk
+        s = tl.load(scale_ptr + s_off, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        if HAS_ZP:
+            code -= tl.load(zp_ptr + s_off, mask=col_ok, other=0).to(tl.float32)[:, None]
+    else:
+        s_off = (cols // GROUP_N)[:, None] * stride_sn + (k // GROUP_K)[None, :] * stride_sk
+        mask = col_ok[:, None] & k_ok[None, :]
+        s = tl.load(scale_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            code -= tl.load(zp_ptr + s_off, mask=mask, other=0).to(tl.float32)
+    return (code * s).to(OUT_DTYPE)
+
+
+@triton.jit
+def _weight_only_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zp_ptr, bias_ptr, part_ptr, M, N, K, k_per_split,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+    INT4: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Split-K matmul for M <= BLOCK_M rows (decoding): program (column tile, split) reads the
+    weight rows `cols` over its own K range once, along K (where the weight is contiguous), and
+    writes a float32 partial part[split, :M, cols]; many splits keep every SM streaming even when
+    the output has only a few column tiles. int4: byte j of a row holds columns 2j (low nibble)
+    and 2j + 1 (high nibble); they are dotted with x's even and odd columns, so the nibbles are
+    never interleaved back in registers."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_dtype = x_ptr.dtype.element_ty
+    TILE_IN_GROUP: tl.constexpr = GROUP_K % BLOCK_K == 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if INT4:
+        j = tl.arange(0, BLOCK_K // 2)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k_even = k0 + 2 * j
+            k_ok = k_even < K  # K is even: the odd column beside a valid even one is valid too
+            byte = tl.load(w_ptr + cols[:, None] * stride_wn + (k0 // 2 + j)[None, :] * stride_wk,
+                           mask=col_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
+            lo = byte & 0xF
+            hi = (byte >> 4) & 0xF
+            w_even = _dequantize_tile((lo - ((lo >> 3) << 4)).to(tl.float32), cols, k_even, k0, col_ok, k_ok,
+                                      scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K,
+                                      TILE_IN_GROUP, HAS_ZP, x_dtype)
+            w_odd = _dequantize_tile((hi - ((hi >> 3) << 4)).to(tl.float32), cols, k_even + 1, k0, col_ok, k_ok,
+                                     scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K,
+                                     TILE_IN_GROUP, HAS_ZP, x_dtype)
+            x_mask = row_ok[:, None] & k_ok[None, :]
+            x_even = tl.load(x_ptr + rows[:, None] * stride_xm + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)
+            x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+            if UPCAST:
+                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+                w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
+            acc += tl.dot(x_even, tl.trans(w_even))
+            acc += tl.dot(x_odd, tl.trans(w_odd))
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < K
+            code = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :] * stride_wk,
+                           mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            w = _dequantize_tile(code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
+                                 GROUP_N, GROUP_K, TILE_IN_GROUP, HAS_ZP, x_dtype)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:  # added once, by the first split
+        bias = tl.load(bias_ptr + cols, mask=col_ok & (split == 0), other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    tl.store(part_ptr + (split * M + rows)[:, None].to(tl.int64) * N + cols[None, :],
+             acc.to(part_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.autotune(configs=_FP8_GEMM, key=["M_BUCKET", "N", "K", "BLOCK_K"])
@@ -146,28 +236,55 @@ def _fp8_block_gemm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
+def _gemv_launch(m, n, k, int4, group_k, device):
+    """(BLOCK_N, BLOCK_K, k_per_split, splits, num_warps) for the split-K GEMV. On a GPU: enough
+    (column tile, split) programs for ~4 per SM, each split at least two K tiles long; K tiles
+    of 128 for int4 and FP8 (one scale per row per tile for groups/blocks of 128)."""
+    if device.type != "cuda":  # the interpreter: small tiles, and more than one split when K allows
+        block_n, block_k, target = 16, 32, 2 * triton.cdiv(n, 16)
+    else:
+        block_n = 128 if int4 else 64
+        block_k = 128 if group_k % 256 else 256
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(target, triton.cdiv(n, block_n)), triton.cdiv(k, 2 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), 4
+
+
 def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
-    """Shared launcher: x [..., K] -> [..., N]."""
+    """Shared launcher: x [..., K] -> [..., N]; the split-K GEMV up to GEMV_MAX_M rows, else
+    autotuned GEMM tiles."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], w.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # a 0-d scale (per tensor) is read with strides 0: every (n, k) sees the same value
     stride_sn = scale.stride(0) if scale.dim() >= 1 else 0
     stride_sk = scale.stride(1) if scale.dim() == 2 else 0
     if group_k is None:  # no k dependence: a multiple of every BLOCK_K keeps the one-scale-per-tile path
         group_k = 1024
-    kernel = _weight_only_small_m if m <= 16 else _weight_only_large_m
+    zp = zero_point if zero_point is not None else scale
+    b = bias if bias is not None else x2
+    common = dict(GROUP_N=group_n, GROUP_K=group_k, INT4=int4, HAS_ZP=zero_point is not None,
+                  HAS_BIAS=bias is not None, UPCAST=interpreting())
+    if 0 < m <= GEMV_MAX_M:
+        block_n, block_k, k_per_split, splits, warps = _gemv_launch(m, n, k, int4, group_k, x.device)
+        # one split writes the output directly; several write float32 partials that one sum adds
+        part = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+        _weight_only_gemv_kernel[(triton.cdiv(n, block_n), splits)](
+            x2, w, scale, zp, b, part, m, n, k, k_per_split, x2.stride(0), x2.stride(1),
+            w.stride(0), w.stride(1), stride_sn, stride_sk, **common,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+        out = part[0] if splits == 1 else part.sum(0).to(x.dtype)
+        return out.reshape(*lead, n)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
-        kernel[grid](
-            x2, w, scale, zero_point if zero_point is not None else scale, bias if bias is not None else x2, out,
-            m, n, k, triton.next_power_of_2(m), x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
-            stride_sn, stride_sk, out.stride(0), out.stride(1),
-            GROUP_N=group_n, GROUP_K=group_k, INT4=int4, HAS_ZP=zero_point is not None,
-            HAS_BIAS=bias is not None, UPCAST=interpreting())
+        _weight_only_large_m[grid](
+            x2, w, scale, zp, b, out, m, n, k, triton.next_power_of_2(m),
+            x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
+            stride_sn, stride_sk, out.stride(0), out.stride(1), **common)
     return out.reshape(*lead, n)
 
 
