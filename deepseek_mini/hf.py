@@ -16,6 +16,7 @@ reference our tests compare with) and say so in a warning.
 """
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -209,30 +210,85 @@ def fp8_block_size(hf: dict) -> int | None:
     return int(block[0])
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_json(file: Path, what: str) -> dict:
+    """A JSON object from `file`, or a ValueError naming the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"load_pretrained: {file} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"load_pretrained: {file} must hold a JSON object ({what}), got a {type(data).__name__}")
+    return data
 
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder. Like transformers, a single
+    model.safetensors wins over a sharded index; an index must name shards that exist."""
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():  # a sharded checkpoint lists its files
-        files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        files = sorted(path.glob("*.safetensors"))
+        weight_map = _read_json(index, "with a 'weight_map'").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"load_pretrained: {index} needs a 'weight_map' object of tensor name -> file name")
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"load_pretrained: {index} lists shard(s) {missing} that are not in {path}")
+        return files
+    return sorted(path.glob("*.safetensors"))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint folder, and the file name each one came from."""
+    from safetensors.torch import load_file
+
+    files = _checkpoint_files(path)
     if not files:
         raise FileNotFoundError(f"load_pretrained: no *.safetensors file in {path}")
-    tensors = {}
+    tensors, origin = {}, {}
     for f in files:
-        tensors.update(load_file(f))
-    return tensors
+        try:
+            shard = load_file(f)
+        except Exception as e:  # safetensors' own error names neither the file nor the cause plainly
+            raise ValueError(f"load_pretrained: cannot read {f} (truncated or not a safetensors file?): {e}") from None
+        for key in shard:
+            if key in origin:
+                raise ValueError(f"load_pretrained: tensor {key!r} is in both {origin[key]} and {f.name}")
+            origin[key] = f.name
+        tensors.update(shard)
+    return tensors, origin
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], origin: dict[str, str], fp8_block: int | None) -> None:
+    """Every tensor must be a real float, or an FP8 weight with its scales; an integer or bool
+    tensor of the right shape would otherwise load as a silently different model."""
+    for key, t in tensors.items():
+        where = f"load_pretrained: {origin[key]}: tensor {key!r}"
+        if t.dtype == torch.float8_e4m3fn:
+            if fp8_block is None:
+                raise ValueError(f"{where} is float8_e4m3fn but config.json has no FP8 quantization_config "
+                                 "saying how to scale it")
+            if key + "_scale_inv" not in tensors:
+                raise ValueError(f"{where} is float8_e4m3fn but its scales {key + '_scale_inv'!r} are missing")
+        elif key.endswith("weight_scale_inv") and tensors.get(key[:-len("_scale_inv")], t).dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{where} scales a weight that is missing or not float8_e4m3fn")
+        elif t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where} has dtype {t.dtype}; expected float32, float16 or bfloat16"
+                             + (" (or float8_e4m3fn with weight_scale_inv)" if fp8_block else ""))
 
 
 def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
-                       fp8_block: int | None = None) -> dict[str, torch.Tensor]:
+                       fp8_block: int | None = None, mtp_layers: int = 0) -> dict[str, torch.Tensor]:
     """Rename Hugging Face keys to ours and stack per-expert weights into [E, ...] tensors.
 
     `fp8_block`: the block size from an FP8 checkpoint's quantization_config; its float8 weights
-    and their `weight_scale_inv` are dequantized to float32 first."""
+    and their `weight_scale_inv` are dequantized to float32 first. `mtp_layers`: how many
+    multi-token-prediction layers follow the last block (config.json's num_nextn_predict_layers);
+    they are skipped, any other layer past the config's num_hidden_layers is an error."""
     fp8 = [k for k in tensors if k.endswith("weight_scale_inv")]
     if fp8 and fp8_block is None:
         raise ValueError(f"load_pretrained: found FP8 scales ({fp8[0]!r}, ...) but config.json has no FP8 "
@@ -245,7 +301,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
     for key, t in tensors.items():
         name = key.removeprefix("model.")
         layer = _LAYER_KEY.match(name)
-        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        if layer and config.num_hidden_layers <= int(layer.group(1)) < config.num_hidden_layers + mtp_layers:
             continue  # multi-token-prediction layers after the last block: transformers skips them too
         if name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from the config
@@ -278,9 +334,13 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"load_pretrained: {config_file} does not exist")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = _read_json(config_file, "the model's config")
     config = config_from_hf(hf_config)
-    state = state_dict_from_hf(_read_safetensors(path), config, fp8_block=fp8_block_size(hf_config))
+    fp8_block = fp8_block_size(hf_config)
+    tensors, origin = _read_safetensors(path)
+    _check_dtypes(tensors, origin, fp8_block)
+    state = state_dict_from_hf(tensors, config, fp8_block=fp8_block,
+                               mtp_layers=int(hf_config.get("num_nextn_predict_layers") or 0))
     model = DeepseekModel(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
@@ -289,7 +349,8 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise ValueError(f"load_pretrained: checkpoint does not match the config: missing {missing[:10]}"
+        raise ValueError(f"load_pretrained: the tensors in {path} do not match {config_file.name} "
+                         f"(num_hidden_layers={config.num_hidden_layers}): missing {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}, unexpected {extra[:10]}{' ...' if len(extra) > 10 else ''}")
     wrong = [f"{k}: {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in expected.items()
              if state[k].shape != v.shape]
@@ -319,5 +380,28 @@ def save_pretrained(model: DeepseekModel, path) -> None:
         else:
             tensors[f"model.{name}"] = t.detach().clone().contiguous()
     hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    # each file is written aside and renamed into place, so a crash never leaves half a file
+    tmp = path / ".model.safetensors.partial"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")
+    tmp = path / ".config.json.partial"
+    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / "config.json")
+    _remove_stale_shards(path)
+
+
+def _remove_stale_shards(path: Path) -> None:
+    """Delete a sharded index and its shards left by an earlier save into the same folder:
+    model.safetensors now holds every tensor, and a stale shard must never be read again."""
+    index = path / "model.safetensors.index.json"
+    stale = set(path.glob("model-*-of-*.safetensors"))
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            stale |= {path / Path(name).name for name in weight_map.values() if isinstance(name, str)}
+        except (ValueError, AttributeError):
+            pass  # unreadable: the index goes anyway
+        stale.add(index)
+    for f in stale:
+        if f.name != "model.safetensors":
+            f.unlink(missing_ok=True)

@@ -1,0 +1,130 @@
+"""Regression tests for issue 15 (library side): checkpoints that load as a silently wrong model,
+config and quantization validation, LoRA load rollback, the pretrained cache's repair, the
+trainer's atomic checkpoints and `doctor`'s report. Each test failed before its fix."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepseek_mini.hf import load_pretrained, save_pretrained
+from deepseek_mini.model import DeepseekConfig, DeepseekModel
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+             num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+             v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+
+
+def small_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    return DeepseekModel(DeepseekConfig(**{**SMALL, **changes})).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. load_pretrained / save_pretrained
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    save_pretrained(small_model(), tmp_path)
+    return tmp_path
+
+
+def rewrite_tensors(folder, change):
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+KEY = "model.layers.0.self_attn.o_proj.weight"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8])
+def test_load_refuses_integer_and_bool_tensors_of_the_right_shape(checkpoint, dtype):
+    rewrite_tensors(checkpoint, lambda t: t.update({KEY: t[KEY].to(dtype)}))
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{KEY}' has dtype {dtype}; expected float32"):
+        load_pretrained(checkpoint)
+
+
+def test_load_refuses_fp8_weights_without_their_scales(checkpoint):
+    from deepseek_mini.quant import quantize_fp8_block
+
+    fp8, scale_inv = quantize_fp8_block(load_file(checkpoint / "model.safetensors")[KEY], block_size=16)
+    rewrite_tensors(checkpoint, lambda t: t.update({KEY: fp8}))
+    # no quantization_config, no scales: the raw FP8 codes must not load as weights
+    with pytest.raises(ValueError, match=rf"tensor '{KEY}' is float8_e4m3fn but config.json has no FP8"):
+        load_pretrained(checkpoint)
+    # with a quantization_config but still no scales
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"'{KEY}' is float8_e4m3fn but its scales '{KEY}_scale_inv' are missing"):
+        load_pretrained(checkpoint)
+    # scales next to a weight that is not FP8 would be dropped silently
+    rewrite_tensors(checkpoint, lambda t: t.update({KEY: fp8.float(), KEY + "_scale_inv": scale_inv}))
+    with pytest.raises(ValueError, match="scales a weight that is missing or not float8_e4m3fn"):
+        load_pretrained(checkpoint)
+    # and with both, it loads
+    rewrite_tensors(checkpoint, lambda t: t.update({KEY: fp8, KEY + "_scale_inv": scale_inv}))
+    assert load_pretrained(checkpoint).layers[0].self_attn.o_proj.weight.dtype == torch.float32
+
+
+def test_load_refuses_a_config_with_fewer_layers_than_the_checkpoint(checkpoint):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=r"do not match config.json \(num_hidden_layers=2\).*unexpected \['layers.2"):
+        load_pretrained(checkpoint)
+    # declared multi-token-prediction layers after the last block are still skipped
+    (checkpoint / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2, "num_nextn_predict_layers": 1}))
+    assert load_pretrained(checkpoint).config.num_hidden_layers == 2
+
+
+def test_save_replaces_a_stale_sharded_checkpoint(tmp_path):
+    old, new = small_model(seed=1), small_model(seed=2)
+    # an earlier, sharded save into the same folder (as transformers writes big models)
+    save_pretrained(old, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, tmp_path / name)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    assert torch.equal(load_pretrained(tmp_path).embed_tokens.weight, old.embed_tokens.weight)
+
+    save_pretrained(new, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_pretrained(tmp_path).embed_tokens.weight, new.embed_tokens.weight)
+
+
+def test_load_prefers_model_safetensors_and_checks_the_index(checkpoint):
+    # a stale index written by another tool does not win over model.safetensors (as in transformers)
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {KEY: "gone.safetensors"}}))
+    load_pretrained(checkpoint)
+    (checkpoint / "model.safetensors").rename(checkpoint / "whole.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"index.json lists shard\(s\) \['gone.safetensors'\]"):
+        load_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("text,problem", [("{not json", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
+                                          ('"x"', "must hold a JSON object")])
+def test_bad_json_names_the_file(checkpoint, text, problem):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"config.json {problem}"):
+        load_pretrained(checkpoint)
+    (checkpoint / "model.safetensors").rename(checkpoint / "model-00001-of-00001.safetensors")
+    save_pretrained(small_model(), checkpoint / "fresh")
+    (checkpoint / "config.json").write_text((checkpoint / "fresh" / "config.json").read_text())
+    (checkpoint / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json {problem}"):
+        load_pretrained(checkpoint)
+
+
+def test_truncated_safetensors_names_the_file(checkpoint):
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*model.safetensors \(truncated"):
+        load_pretrained(checkpoint)
