@@ -271,7 +271,7 @@ def _check_dtypes(tensors: dict[str, torch.Tensor], origin: dict[str, str], fp8_
         if t.dtype == torch.float8_e4m3fn:
             if fp8_block is None:
                 raise ValueError(f"{where} is float8_e4m3fn but config.json has no FP8 quantization_config "
-                                 "saying how to scale it")
+                                 "saying how to apply its FP8 scales")
             if key + "_scale_inv" not in tensors:
                 raise ValueError(f"{where} is float8_e4m3fn but its scales {key + '_scale_inv'!r} are missing")
         elif key.endswith("weight_scale_inv") and tensors.get(key[:-len("_scale_inv")], t).dtype != torch.float8_e4m3fn:
