@@ -236,19 +236,22 @@ def _fp8_block_gemm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _gemv_launch(m, n, k, int4, group_k, device):
+def _gemv_launch(n, k, int4, group_k, sms):
     """(BLOCK_N, BLOCK_K, k_per_split, splits, num_warps) for the split-K GEMV. On a GPU: enough
     (column tile, split) programs for ~4 per SM, each split at least two K tiles long; K tiles
-    of 128 for int4 and FP8 (one scale per row per tile for groups/blocks of 128)."""
-    if device.type != "cuda":  # the interpreter: small tiles, and more than one split when K allows
+    of 128 for int4 and FP8 (one scale per row per tile for groups/blocks of 128). The tiles are
+    the largest that compile for sm_90 without spilling registers (tests/test_kernels_sm90.py
+    prints registers per thread); they are not yet tuned on a GPU. `sms`: the GPU's SM count,
+    None in the interpreter."""
+    if sms is None:  # the interpreter: small tiles, and more than one split when K allows
         block_n, block_k, target = 16, 32, 2 * triton.cdiv(n, 16)
     else:
-        block_n = 128 if int4 else 64
-        block_k = 128 if group_k % 256 else 256
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        block_k = 128 if int4 or group_k % 256 else 256
+        block_n = 64 if block_k == 128 else 32
+        target = 4 * sms
     splits = max(1, min(triton.cdiv(target, triton.cdiv(n, block_n)), triton.cdiv(k, 2 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    return block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), 4
+    return block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), 4 if sms is None else 8
 
 
 def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
@@ -267,7 +270,8 @@ def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
     common = dict(GROUP_N=group_n, GROUP_K=group_k, INT4=int4, HAS_ZP=zero_point is not None,
                   HAS_BIAS=bias is not None, UPCAST=interpreting())
     if 0 < m <= GEMV_MAX_M:
-        block_n, block_k, k_per_split, splits, warps = _gemv_launch(m, n, k, int4, group_k, x.device)
+        block_n, block_k, k_per_split, splits, warps = _gemv_launch(
+            n, k, int4, group_k, torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else None)
         # one split writes the output directly; several write float32 partials that one sum adds
         part = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
         _weight_only_gemv_kernel[(triton.cdiv(n, block_n), splits)](

@@ -1,0 +1,77 @@
+"""The GPU kernels compile for an H100/H200 (sm_90) at the tile sizes their launchers pick there.
+
+CI has no GPU, and the interpreter (how the other kernel tests run on CPU) checks the arithmetic,
+not whether the GPU compiler accepts a kernel at its real tiles. Here each new or reworked
+kernel goes through triton.compile for sm_90 down to a cubin (ptxas ships in the triton wheel),
+in a subprocess without TRITON_INTERPRET (see deepseek_mini/kernels/aot.py), and must not spill
+registers to local memory: a spilling tile would run far below bandwidth on the device.
+`pytest -s` prints registers per thread and shared memory for each kernel.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed on this platform (Linux x86-64 only)")
+
+REPO = Path(__file__).resolve().parents[1]
+QM = "deepseek_mini.kernels.quant_matmul"
+
+
+def _ptxas_present():
+    try:
+        from triton.backends.nvidia.compiler import knobs
+
+        return os.path.exists(knobs.nvidia.ptxas.path)
+    except Exception:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real JIT compiles these (pytest -m gpu)"),
+    pytest.mark.skipif(not _ptxas_present(), reason="this triton wheel has no ptxas for CUDA"),
+]
+
+
+def _gemv(scheme, n=4096, k=4096):
+    """The split-K GEMV as `quant_matmul._gemv_launch` configures it on an H100 (132 SMs)."""
+    from deepseek_mini.kernels.quant_matmul import _gemv_launch
+
+    group_k = {"int8": 1024, "int4": 128, "fp8": 128}[scheme]
+    block_n, block_k, _, _, warps = _gemv_launch(n, k, scheme == "int4", group_k, sms=132)
+    w_type = {"int8": "*i8", "int4": "*u8", "fp8": "*fp8e4nv"}[scheme]
+    return {"id": f"gemv {scheme}", "kernel": f"{QM}:_weight_only_gemv_kernel", "num_warps": warps,
+            "types": {"w_ptr": w_type, "scale_ptr": "*fp32", "zp_ptr": "*i32", "part_ptr": "*fp32"},
+            "constexprs": {"GROUP_N": 128 if scheme == "fp8" else 1, "GROUP_K": group_k, "INT4": scheme == "int4",
+                           "HAS_ZP": scheme == "int8", "HAS_BIAS": True, "UPCAST": False,
+                           "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k}}
+
+
+SPECS = [_gemv("int8"), _gemv("int4"), _gemv("fp8")]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DEEPSEEK_MINI_BACKEND")}
+    run = subprocess.run([sys.executable, "-m", "deepseek_mini.kernels.aot", json.dumps(SPECS)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"compiling for sm_90 failed:\n{run.stderr[-4000:]}"
+    results = {r["id"]: r for r in map(json.loads, run.stdout.splitlines())}
+    for r in results.values():
+        print(f"{r['id']:<28} {r['registers']:>3} registers/thread, {r['num_warps']} warps, "
+              f"{r['shared']} B shared, spills {r['stack'] + r['local']} B")
+    return results
+
+
+@pytest.mark.parametrize("spec_id", [s["id"] for s in SPECS])
+def test_kernel_compiles_for_sm90_without_spilling(compiled, spec_id):
+    r = compiled[spec_id]
+    assert r["ptx_target"].startswith("sm_90"), r
+    assert r["cubin_bytes"] > 0
+    assert r["stack"] == 0 and r["local"] == 0, f"{spec_id} spills registers on sm_90: {r}"
+    assert r["registers"] <= 255
