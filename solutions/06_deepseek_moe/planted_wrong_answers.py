@@ -87,6 +87,15 @@ WRONG_ANSWERS = {
 """,
     },
     "apply_capacity": {
+        "capacity as int(x) + 1: one slot too many whenever x is whole": _CAPACITY_HEAD + """
+    capacity = int(capacity_factor * topk_idx.numel() / n_experts) + 1
+    flat = topk_idx.flatten()
+    dropped = torch.zeros(flat.shape, dtype=torch.bool)
+    for e in range(n_experts):
+        dropped[torch.where(flat == e)[0][capacity:]] = True
+    dropped = dropped.view(topk_idx.shape)
+    return topk_weight.masked_fill(dropped, 0.0), dropped
+""",
         "capacity rounded down (floor instead of ceil)": _CAPACITY_HEAD + """
     capacity = math.floor(capacity_factor * topk_idx.numel() / n_experts)
     flat = topk_idx.flatten()
@@ -217,6 +226,16 @@ def update_bias(bias, load, gamma):
 def update_bias(bias, load, gamma):
     bias += gamma * torch.sign(load.to(bias.dtype).mean() - load.to(bias.dtype))
     return bias
+""",
+        "integer mean (sum // n): a load just under a fractional mean does not move": """
+def update_bias(bias, load, gamma):
+    mean = load.sum() // load.numel()
+    return bias + gamma * torch.sign(mean - load).to(bias.dtype)
+""",
+        "gap clamped to [-1, 1] instead of its sign: fractional gaps give a partial step": """
+def update_bias(bias, load, gamma):
+    load = load.to(bias.dtype)
+    return bias + gamma * (load.mean() - load).clamp(-1, 1)
 """,
     },
 }
