@@ -19,6 +19,23 @@ def standardize(x, eps=1e-5):
 def standardize(x, eps=1e-5):
     return (x - x.mean(dim=0)) / x.std(dim=0, correction=0)
 """,
+        "eps added to the variance under the square root, not to the std": """
+def standardize(x, eps=1e-5):
+    return (x - x.mean(dim=0)) / torch.sqrt(x.var(dim=0, correction=0) + eps)
+""",
+        "eps as a lower bound on the std (clamp) instead of added to it": """
+def standardize(x, eps=1e-5):
+    return (x - x.mean(dim=0)) / x.std(dim=0, correction=0).clamp_min(eps)
+""",
+        "ignores the eps argument (a fixed 1e-5)": """
+def standardize(x, eps=1e-5):
+    return (x - x.mean(dim=0)) / (x.std(dim=0, correction=0) + 1e-5)
+""",
+        "modifies x in place (x -= mean)": """
+def standardize(x, eps=1e-5):
+    x -= x.mean(dim=0)
+    return x / (x.std(dim=0, correction=0) + eps)
+""",
     },
     "scaled_add_kernel": {
         "no mask: the last block writes past the end": """
@@ -37,6 +54,24 @@ def scaled_add_kernel(x_ptr, y_ptr, out_ptr, alpha, n, BLOCK: tl.constexpr):
     x = tl.load(x_ptr + offsets, mask=mask)
     y = tl.load(y_ptr + offsets, mask=mask)
     tl.store(out_ptr + offsets, alpha * x + y, mask=mask)
+""",
+        "mask offsets <= n: one element written past the end": """
+@triton.jit
+def scaled_add_kernel(x_ptr, y_ptr, out_ptr, alpha, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets <= n
+    x = tl.load(x_ptr + offsets, mask=mask)
+    y = tl.load(y_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, alpha * x + y, mask=mask)
+""",
+        "masked loads but an unmasked store": """
+@triton.jit
+def scaled_add_kernel(x_ptr, y_ptr, out_ptr, alpha, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, alpha * x + y)
 """,
     },
 }
