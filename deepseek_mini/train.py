@@ -28,6 +28,11 @@ import base64
 import inspect
 import json
 import math
+import os
+import re
+import shutil
+import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -346,53 +351,69 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self, path) -> Path:
-        """Write model.safetensors, optimizer.safetensors and trainer_state.json into `path`."""
+        """Write model.safetensors, optimizer.safetensors and trainer_state.json as the folder
+        `path`, atomically: the files go into a temporary folder next to it, are flushed to disk,
+        and the folder is renamed into place, replacing an older checkpoint of that name only
+        once the new one is complete. A crash leaves the old checkpoint or the new one, never a
+        mix; temporary folders left by a killed save are removed by the next save."""
         from safetensors.torch import save_file, save_model
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(path / "model.safetensors"))  # handles tied weights
-        opt = self.optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for idx, state in opt["state"].items():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{idx}.{key}"] = value
-        save_file(tensors, str(path / "optimizer.safetensors"))
-        encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-        rng = {"torch": encode(self.rng_state)}
-        if self.cuda_rng_state is not None:
-            rng["cuda"] = encode(self.cuda_rng_state)
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "config": asdict(self.config),
-            "schedule": {"lr_next": lr_at(self.step, self.config) if self.step < self.config.max_steps else None},
-            "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
-            "rng": rng,
-            "history": self.history,
-            "eval_history": self.eval_history,
-        }
-        (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{_owner()}-", dir=path.parent))
+        try:
+            save_model(self.model, str(tmp / "model.safetensors"))  # handles tied weights
+            opt = self.optimizer.state_dict()
+            tensors, scalars = {}, {}
+            for idx, state in opt["state"].items():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{idx}.{key}"] = value
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+            rng = {"torch": encode(self.rng_state)}
+            if self.cuda_rng_state is not None:
+                rng["cuda"] = encode(self.cuda_rng_state)
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "config": asdict(self.config),
+                "schedule": {"lr_next": lr_at(self.step, self.config) if self.step < self.config.max_steps else None},
+                "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+                "rng": rng,
+                "history": self.history,
+                "eval_history": self.eval_history,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            for f in tmp.iterdir():  # on disk before the rename makes them visible
+                _fsync(f)
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; a checkpoint is not
+            _publish_folder(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
         return path
 
-    def load_checkpoint(self, path) -> "Trainer":
-        """Restore weights, optimizer moments, step, RNG and history saved by save_checkpoint."""
-        from safetensors.torch import load_file, load_model
+    def load_checkpoint(self, path, allow_config_changes: bool = False) -> "Trainer":
+        """Restore weights, optimizer moments, step, RNG and history saved by save_checkpoint.
 
+        Everything is read and checked first (files, tensor names, shapes and dtypes, optimizer
+        groups, training settings), so a checkpoint that does not fit raises and leaves this
+        trainer and its model untouched. Settings that change the remaining steps (seed,
+        grad_accum_steps, lr schedule, AdamW, clipping, precision) must equal the saved ones for
+        an exact resume; allow_config_changes=True accepts different ones on purpose."""
         path = Path(path)
-        for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"load_checkpoint: {path / name} is missing; is {path} a checkpoint folder?")
-        state = json.loads((path / "trainer_state.json").read_text())
-        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
-        if missing or unexpected:
-            raise ValueError(f"load_checkpoint: weights do not fit this model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+        loaded = read_checkpoint(path)
+        state, weights, opt_tensors = loaded["state"], loaded["model"], loaded["optimizer"]
+        where = f"load_checkpoint: {path}"
+        self._check_resume_config(state["config"], where, allow_config_changes)
+        if state["step"] > self.config.max_steps:
+            raise ValueError(f"{where} is at step {state['step']}, past this config's max_steps={self.config.max_steps}")
+        self._check_weights(weights, where)
         opt_state: dict = {}
-        for key, value in load_file(str(path / "optimizer.safetensors")).items():
+        for key, value in opt_tensors.items():
             idx, name = key.split(".", 1)
             opt_state.setdefault(int(idx), {})[name] = value
         for key, value in state["optimizer"]["scalars"].items():
@@ -401,14 +422,183 @@ class Trainer:
         groups = state["optimizer"]["param_groups"]
         for g in groups:
             g["betas"] = tuple(g["betas"])
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self._check_optimizer_state(opt_state, groups, where)
         decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-        self.rng_state = decode(state["rng"]["torch"])
+        rng_state = decode(state["rng"]["torch"])
+        try:
+            torch.Generator().set_state(rng_state)
+        except RuntimeError as e:
+            raise ValueError(f"{where}: trainer_state.json holds an invalid random-number state ({e})") from None
+
+        # everything checked: now change the model, the optimizer and the trainer
+        self.model.load_state_dict(weights, strict=False)  # tied names share the storage of a loaded one
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.rng_state = rng_state
         if self.cuda_rng_state is not None and "cuda" in state["rng"]:
             self.cuda_rng_state = decode(state["rng"]["cuda"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.history, self.eval_history = state["history"], state["eval_history"]
         return self
+
+    def _check_resume_config(self, saved: dict, where: str, allowed: bool) -> None:
+        current = asdict(self.config)
+        changed = {}
+        for name in RESUME_FIELDS:
+            old, new = saved.get(name), current[name]
+            if isinstance(new, tuple):
+                old = tuple(old) if isinstance(old, list) else old
+            if old != new:
+                changed[name] = (old, new)
+        if changed and not allowed:
+            listed = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"{where} was saved with other training settings ({listed}); resuming would not "
+                             "repeat the interrupted run. Use the saved TrainConfig, or pass "
+                             "allow_config_changes=True to continue with the new settings on purpose")
+
+    def _check_weights(self, weights: dict, where: str) -> None:
+        expected = self.model.state_dict()
+        problems = [f"unexpected {k}" for k in weights if k not in expected]
+        stored = {t.untyped_storage().data_ptr(): k for k, t in expected.items() if k in weights}
+        for k, t in expected.items():
+            if k not in weights:
+                # save_model writes one name for tied weights (e.g. lm_head = embed_tokens)
+                if stored.get(t.untyped_storage().data_ptr()) is None:
+                    problems.append(f"missing {k}")
+            elif weights[k].shape != t.shape or weights[k].dtype != t.dtype:
+                problems.append(f"{k}: {weights[k].dtype} {tuple(weights[k].shape)} in the file, "
+                                f"{t.dtype} {tuple(t.shape)} in the model")
+        if problems:
+            raise ValueError(f"{where}/model.safetensors does not fit this model: {problems[:5]}"
+                             f"{' ...' if len(problems) > 5 else ''}")
+
+    def _check_optimizer_state(self, opt_state: dict, groups: list, where: str) -> None:
+        ours = self.optimizer.param_groups
+        if [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in ours]:
+            raise ValueError(f"{where}: the optimizer was saved for parameter groups of sizes "
+                             f"{[len(g.get('params', ())) for g in groups]}, this trainer has "
+                             f"{[len(g['params']) for g in ours]} (another model, or other trainable parameters?)")
+        params = [p for g in ours for p in g["params"]]
+        for idx, entry in opt_state.items():
+            if not 0 <= idx < len(params):
+                raise ValueError(f"{where}/optimizer.safetensors: state for parameter {idx}, but there are {len(params)}")
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[idx].shape:
+                    raise ValueError(f"{where}/optimizer.safetensors: {idx}.{name} has shape {tuple(value.shape)}, "
+                                     f"its parameter {tuple(params[idx].shape)}")
+
+
+# Settings that decide what the remaining steps compute: a resume with other values would not
+# repeat the interrupted run (eval, checkpoint and progress settings may change freely).
+RESUME_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "eps", "grad_clip",
+                 "grad_accum_steps", "precision", "seed")
+_TMP_TAG = ".partial-"
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+
+
+def read_checkpoint(path) -> dict:
+    """Read and check a checkpoint folder without changing anything: {"state": the parsed
+    trainer_state.json, "model": weights, "optimizer": optimizer tensors}. Raises
+    FileNotFoundError or ValueError naming the file that is missing or damaged."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in _CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"load_checkpoint: {path / name} is missing; is {path} a checkpoint folder?")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        required = {"step": int, "tokens_seen": int, "config": dict, "optimizer": dict, "rng": dict,
+                    "history": list, "eval_history": list}
+        wrong = [k for k, kind in required.items() if not isinstance(state.get(k), kind)]
+        if not wrong:
+            wrong = [k for k in ("param_groups", "scalars") if k not in state["optimizer"]] + \
+                    [k for k in ("torch",) if not isinstance(state["rng"].get(k), str)]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"load_checkpoint: {path / 'trainer_state.json'} is not a valid trainer state ({e})") from None
+    if wrong:
+        raise ValueError(f"load_checkpoint: {path / 'trainer_state.json'} lacks or has wrong field(s) {wrong}")
+    tensors = {}
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        try:
+            tensors[name] = load_file(str(path / name))
+        except Exception as e:  # safetensors' error does not name the file
+            raise ValueError(f"load_checkpoint: cannot read {path / name} (truncated or damaged?): {e}") from None
+    return {"state": state, "model": tensors["model.safetensors"], "optimizer": tensors["optimizer.safetensors"]}
+
+
+def latest_checkpoint(directory) -> Path | None:
+    """The complete checkpoint with the highest step among the folders in `directory` (e.g. a
+    TrainConfig's checkpoint_dir), or None when there is none. Damaged or unfinished folders
+    are skipped, so a run interrupted in the middle of a save resumes from the one before."""
+    best, best_step = None, -1
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for folder in directory.iterdir():
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            step = read_checkpoint(folder)["state"]["step"]
+        except (OSError, ValueError):
+            continue
+        if step > best_step:
+            best, best_step = folder, step
+    return best
+
+
+def _owner() -> str:
+    """Who writes a temporary folder (host and process), so a later save knows whether it is stale."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale_temporaries(parent: Path) -> None:
+    """Delete temporary folders of saves whose process died (on this host) before finishing."""
+    for tmp in parent.glob(f".*{_TMP_TAG}*"):
+        owner = re.search(rf"{re.escape(_TMP_TAG)}(.+)-(\d+)-(old-)?[a-z0-9_]+$", tmp.name)  # mkdtemp's suffix
+        if owner and owner[1] == socket.gethostname() and not _alive(int(owner[2])):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: this process is not saving there now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, someone else's
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_folder(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`; an existing `path` is moved aside first and
+    deleted after, so at every moment `path` is either the old checkpoint or the new one."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{_owner()}-old-", dir=path.parent))
+        os.replace(path, old / "checkpoint")
+    os.replace(tmp, path)
+    try:
+        _fsync(path.parent)  # make the rename itself durable
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_history(history, eval_history=None, ax=None):

@@ -128,3 +128,143 @@ def test_truncated_safetensors_names_the_file(checkpoint):
     (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot read .*model.safetensors \(truncated"):
         load_pretrained(checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Trainer checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _trainer_tools():
+    from test_train import batches, losses, make  # the small LM and data of the trainer's own tests
+
+    return make, batches, losses
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_during_a_second_save_keeps_the_first_checkpoint_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    make, _, _ = _trainer_tools()
+    model, trainer = make()
+    trainer.fit(steps=3)
+    at_step_3 = _weights(model)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    trainer.fit(steps=3)
+
+    real_save_file = safetensors.torch.save_file
+
+    def crash_on_optimizer(tensors, filename, metadata=None):
+        if str(filename).endswith("optimizer.safetensors"):
+            raise OSError("disk full")
+        return real_save_file(tensors, filename, metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_optimizer)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(tmp_path / "ckpt")  # model.safetensors of step 6 was written, then the crash
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "the failed save must not leave temporary folders"
+    fresh_model, fresh = make(init_seed=5)
+    fresh.load_checkpoint(tmp_path / "ckpt")
+    assert fresh.step == 3 and _same(_weights(fresh_model), at_step_3), "step 3 must come with the step-3 weights"
+
+
+def test_a_killed_save_is_cleaned_up_and_latest_checkpoint_skips_it(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from deepseek_mini.train import latest_checkpoint
+
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import safetensors.torch
+        from test_train import make
+        _, trainer = make()
+        trainer.fit(steps=2)
+        trainer.save_checkpoint({str(tmp_path / "step-000002")!r})
+        trainer.fit(steps=2)
+        real = safetensors.torch.save_file
+        def killed(tensors, filename, metadata=None):  # the process dies in the middle of the save
+            if str(filename).endswith("optimizer.safetensors"):
+                os._exit(3)
+            return real(tensors, filename, metadata)
+        safetensors.torch.save_file = killed
+        trainer.save_checkpoint({str(tmp_path / "step-000004")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").is_file()  # the interrupted save's
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000002"
+
+    make, _, _ = _trainer_tools()
+    _, trainer = make()
+    trainer.load_checkpoint(latest_checkpoint(tmp_path)).fit(steps=4)
+    trainer.save_checkpoint(tmp_path / "step-000006")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000006"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000006"
+
+
+def test_latest_checkpoint_skips_damaged_folders(tmp_path):
+    from deepseek_mini.train import latest_checkpoint
+
+    make, _, _ = _trainer_tools()
+    assert latest_checkpoint(tmp_path / "none") is None and latest_checkpoint(tmp_path) is None
+    _, trainer = make()
+    for name in ("a", "b", "c"):  # names do not order the steps; trainer_state.json does
+        trainer.fit(steps=2)
+        trainer.save_checkpoint(tmp_path / name)
+    data = (tmp_path / "c" / "model.safetensors").read_bytes()
+    (tmp_path / "c" / "model.safetensors").write_bytes(data[:100])  # e.g. written by a non-atomic tool
+    (tmp_path / "notes").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "b"
+
+
+def test_a_failed_load_leaves_the_model_and_trainer_unchanged(tmp_path):
+    make, _, _ = _trainer_tools()
+    _, trainer = make()
+    trainer.fit(steps=2)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    last = sorted(weights)[-1]  # a late tensor: the ones before it would already be copied
+    weights[last] = torch.zeros(3, 3)
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors")
+
+    model, other = make(init_seed=7)
+    before = _weights(model)
+    with pytest.raises(ValueError, match=rf"model.safetensors does not fit this model: \['{last}: torch.float32 \(3, 3\)"):
+        other.load_checkpoint(tmp_path / "ckpt")
+    assert _same(_weights(model), before) and other.step == 0 and not other.optimizer.state
+
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    data = (tmp_path / "ckpt" / "optimizer.safetensors").read_bytes()
+    (tmp_path / "ckpt" / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*optimizer.safetensors \(truncated"):
+        other.load_checkpoint(tmp_path / "ckpt")
+    assert _same(_weights(model), before) and other.step == 0
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"grad_accum_steps": 2}, {"lr": 1e-2}, {"max_steps": 20}])
+def test_resume_with_other_training_settings_is_an_error_unless_allowed(tmp_path, change):
+    make, _, _ = _trainer_tools()
+    _, trainer = make()
+    trainer.fit(steps=2)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    name, value = next(iter(change.items()))
+    _, other = make(**change)
+    with pytest.raises(ValueError, match=rf"other training settings \({name}: saved .*, now {value!r}\)"):
+        other.load_checkpoint(tmp_path / "ckpt")
+    assert other.step == 0
+    assert other.load_checkpoint(tmp_path / "ckpt", allow_config_changes=True).step == 2
+    # settings that do not change the steps may differ
+    _, quiet = make(eval_every=5, progress=False, checkpoint_every=3, checkpoint_dir=str(tmp_path / "more"))
+    assert quiet.load_checkpoint(tmp_path / "ckpt").step == 2

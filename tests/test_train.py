@@ -46,8 +46,8 @@ def batches(i, batch_size=4, seq=12):
     return {"input_ids": x, "labels": x}
 
 
-def make(seed=0, model_cls=TinyLM, data=batches, **cfg):
-    torch.manual_seed(seed)
+def make(seed=0, model_cls=TinyLM, data=batches, init_seed=None, **cfg):
+    torch.manual_seed(seed if init_seed is None else init_seed)
     model = model_cls()
     cfg = {"max_steps": 12, "lr": 3e-3, "warmup_steps": 3, "progress": False, "seed": seed} | cfg
     return model, Trainer(model, TrainConfig(**cfg), data, eval_batches=batches)
@@ -116,7 +116,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, accum):
     first.fit(steps=5)
     first.save_checkpoint(tmp_path / "ckpt")
     torch.manual_seed(123)  # disturb the global RNG: the checkpoint must restore it
-    m_b, resumed = make(seed=99, grad_accum_steps=accum)  # different init: weights must be loaded
+    m_b, resumed = make(init_seed=99, grad_accum_steps=accum)  # different init: weights must be loaded
     resumed.load_checkpoint(tmp_path / "ckpt")
     assert resumed.step == 5 and losses(resumed) == losses(full)[:5]
     resumed.fit()
