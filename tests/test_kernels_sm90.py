@@ -52,7 +52,37 @@ def _gemv(scheme, n=4096, k=4096):
                            "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k}}
 
 
-SPECS = [_gemv("int8"), _gemv("int4"), _gemv("fp8")]
+def _autotuned(spec_id, kernel, types, constexprs, floats=()):
+    """An autotuned kernel at its first GPU config."""
+    return {"id": spec_id, "kernel": kernel, "config": 0, "types": types, "constexprs": constexprs, "floats": floats}
+
+
+_MOE = "deepseek_mini.kernels.fused_moe"
+_GEMM_TYPES = {"scale_ptr": "*fp32", "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32"}
+_WEIGHT_ONLY_TYPES = {"scale_ptr": "*fp32", "zp_ptr": "*i32"}
+
+SPECS = [
+    _gemv("int8"), _gemv("int4"), _gemv("fp8"),
+    _autotuned("moe gemm swiglu", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
+               {"A_ROW_DIV": 6, "HAS_SCALE": False, "SWIGLU": True, "SAVE": True, "UPCAST": False, "BLOCK_M": 64}),
+    _autotuned("moe gemm scaled", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
+               {"A_ROW_DIV": 1, "HAS_SCALE": True, "SWIGLU": False, "SAVE": False, "UPCAST": False, "BLOCK_M": 64}),
+    _autotuned("moe weight grad", f"{_MOE}:_grouped_weight_grad_kernel",
+               {"scale_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_offsets_ptr": "*i32"},
+               {"X_ROW_DIV": 6, "Y_ROW_DIV": 1, "HAS_SCALE": True, "UPCAST": False}),
+    *[_autotuned(f"weight-only gemm {name}", f"{QM}:_weight_only_large_m", {**_WEIGHT_ONLY_TYPES, "w_ptr": w},
+                 {"GROUP_N": gn, "GROUP_K": gk, "INT4": name == "int4", "HAS_ZP": name == "int8",
+                  "HAS_BIAS": True, "UPCAST": False})
+      for name, w, gn, gk in (("int8", "*i8", 1, 1024), ("int4", "*u8", 1, 128), ("fp8", "*fp8e4nv", 128, 128))],
+    _autotuned("fp8 block gemm", f"{QM}:_fp8_block_gemm_kernel",
+               {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32"},
+               {"UPCAST": False, "BLOCK_K": 128}),
+]
+# Kernels that predate this check and spill at the config compiled here: the test still proves
+# they compile. The fused MoE gate/up GEMM with the SwiGLU epilogue keeps two accumulators and
+# spills at its first autotune config (64 x 64 tiles, 4 warps); on a GPU the autotuner may pick
+# another config. A lead for issue 17's "fused MoE fwd 0.51x at 512 tokens".
+MAY_SPILL = {"moe gemm swiglu"}
 
 
 @pytest.fixture(scope="module")
@@ -73,5 +103,6 @@ def test_kernel_compiles_for_sm90_without_spilling(compiled, spec_id):
     r = compiled[spec_id]
     assert r["ptx_target"].startswith("sm_90"), r
     assert r["cubin_bytes"] > 0
-    assert r["stack"] == 0 and r["local"] == 0, f"{spec_id} spills registers on sm_90: {r}"
+    if spec_id not in MAY_SPILL:
+        assert r["stack"] == 0 and r["local"] == 0, f"{spec_id} spills registers on sm_90: {r}"
     assert r["registers"] <= 255

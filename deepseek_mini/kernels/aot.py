@@ -11,7 +11,8 @@ Must run in a process where TRITON_INTERPRET is not set when the kernel modules 
 (the interpreter replaces @triton.jit functions): `tests/test_kernels_sm90.py` runs
     python -m deepseek_mini.kernels.aot '<json list of specs>'
 which prints one JSON result per spec. A spec names the kernel ("module:attribute"), its
-constexprs and launch options; argument types follow the names (see `signature`).
+constexprs and launch options (or "config": the index of an autotuned kernel's GPU config);
+argument types follow the names (see `signature`).
 """
 
 import json
@@ -95,8 +96,11 @@ def main(specs):
     for spec in specs:
         module, attr = spec["kernel"].split(":")
         kernel = getattr(importlib.import_module(module), attr)
-        result = compile_kernel(kernel, spec.get("constexprs", {}), spec.get("types"), spec.get("floats", ()),
-                                spec.get("num_warps", 4), spec.get("num_stages", 3))
+        constexprs, warps, stages = spec.get("constexprs", {}), spec.get("num_warps", 4), spec.get("num_stages", 3)
+        if "config" in spec:  # an autotuned kernel: one of its GPU configs supplies tiles, warps, stages
+            config = kernel.configs[spec["config"]]
+            constexprs, warps, stages = {**constexprs, **config.kwargs}, config.num_warps, config.num_stages
+        result = compile_kernel(kernel, constexprs, spec.get("types"), spec.get("floats", ()), warps, stages)
         results.append({"id": spec.get("id", spec["kernel"]), **result})
         print(json.dumps(results[-1]), flush=True)
     return results
