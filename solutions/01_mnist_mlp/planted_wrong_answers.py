@@ -55,6 +55,16 @@ class Linear:
     def __call__(self, x):
         return x @ self.weight + self.bias
 """ + _LINEAR_TAIL,
+        "bias sized by in_features (only runs when in == out)": """
+class Linear:
+    def __init__(self, in_features, out_features, device=None):
+        bound = 1 / math.sqrt(in_features)
+        self.weight = torch.empty(out_features, in_features, device=device).uniform_(-bound, bound).requires_grad_()
+        self.bias = torch.zeros(in_features, device=device, requires_grad=True)
+
+    def __call__(self, x):
+        return x @ self.weight.T + self.bias
+""" + _LINEAR_TAIL,
     },
     "softmax_cross_entropy": {
         "no max subtraction: exp overflows for large logits": """
@@ -72,6 +82,12 @@ def softmax_cross_entropy(logits, targets):
 def softmax_cross_entropy(logits, targets):
     m = logits.max(dim=0, keepdim=True).values
     log_probs = logits - m - torch.log(torch.exp(logits - m).sum(dim=0, keepdim=True))
+    return -log_probs[torch.arange(len(targets)), targets].mean()
+""",
+        "batch-wide maximum: a row far below the others underflows": """
+def softmax_cross_entropy(logits, targets):
+    m = logits.max()
+    log_probs = logits - m - torch.log(torch.exp(logits - m).sum(dim=1, keepdim=True))
     return -log_probs[torch.arange(len(targets)), targets].mean()
 """,
     },
@@ -124,6 +140,17 @@ def sgd_step(params, lr):
         for p, m, v in zip(self.params, self.m, self.v):
             m.mul_(self.beta1).add_(p.grad, alpha=1 - self.beta1)
             v.mul_(self.beta2).add_(p.grad.abs(), alpha=1 - self.beta2)
+            m_hat = m / (1 - self.beta1 ** self.t)
+            v_hat = v / (1 - self.beta2 ** self.t)
+            p -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+""",
+        "step counter advanced once per parameter, not once per step": _ADAM_HEAD + """
+    @torch.no_grad()
+    def step(self):
+        for p, m, v in zip(self.params, self.m, self.v):
+            self.t += 1
+            m.mul_(self.beta1).add_(p.grad, alpha=1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1 - self.beta2)
             m_hat = m / (1 - self.beta1 ** self.t)
             v_hat = v / (1 - self.beta2 ** self.t)
             p -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
