@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels.guarded import MARGIN, GuardedBuffers, bits
+from deepseek_mini.kernels.guarded import MIN_MARGIN, GuardedBuffers, bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,9 +56,18 @@ def test_a_copy_holds_the_values_between_guards():
         assert torch.equal(copy, x) and copy.dtype == x.dtype and copy.device == x.device
         assert copy.stride() == (5 + gap, 1) and copy.is_contiguous() == (gap == 0)
         buffer = guards.tensors[-1][2]
-        assert torch.isnan(buffer[:MARGIN]).all() and torch.isnan(buffer[-MARGIN:]).all()
+        assert torch.isnan(buffer[:MIN_MARGIN]).all() and torch.isnan(buffer[-MIN_MARGIN:]).all()
         assert torch.isnan(buffer).sum().item() == buffer.numel() - x.numel(), "every element outside the view is a guard"
     guards.check()
+
+
+def test_the_guard_is_at_least_as_large_as_the_tensor():
+    """A kernel may overrun by a whole tile of rows: the guard must hold it, not other memory."""
+    guards = GuardedBuffers()
+    guards.allocate((10, 300), torch.float32, DEVICE, row_gap=20)
+    buffer, inside = guards.tensors[0][2], guards.tensors[0][4]
+    first, last = inside.nonzero().flatten()[[0, -1]].tolist()
+    assert first >= 3200 and len(buffer) - 1 - last >= 3200, "3,200 elements (with the gaps) need 3,200 of guard each side"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

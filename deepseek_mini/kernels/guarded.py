@@ -29,7 +29,10 @@ import math
 
 import torch
 
-MARGIN = 64  # guard elements before a tensor's first element and after its last
+# Guard elements before a tensor's first element and after its last: at least MIN_MARGIN, and at
+# least the tensor's own size, so that a kernel overrunning by up to a whole tensor (a tile of
+# rows past the end, a whole extra head) still lands in the guard and never in other memory.
+MIN_MARGIN = 1024
 
 # quiet-NaN bit pattern and the number of free payload bits below it, per floating-point dtype
 _NAN_BITS = {torch.float64: (0x7FF8000000000000, 51), torch.float32: (0x7FC00000, 22),
@@ -65,8 +68,8 @@ class GuardedBuffers:
     changed. `what` names the code under test in that message.
     """
 
-    def __init__(self, what: str = "the kernel", margin: int = MARGIN, outputs: bool = True):
-        self.what, self.margin, self.outputs = what, margin, outputs
+    def __init__(self, what: str = "the kernel", min_margin: int = MIN_MARGIN, outputs: bool = True):
+        self.what, self.min_margin, self.outputs = what, min_margin, outputs
         self.tensors = []  # (name, view, buffer, guard bits as allocated, mask of the view's elements)
         self._empty, self._empty_like = torch.empty, torch.empty_like
 
@@ -84,10 +87,11 @@ class GuardedBuffers:
         row = shape[-1] if len(shape) else 1
         n_rows = math.prod(shape[:-1]) if len(shape) else 1
         stride = row + row_gap
-        buffer = fill_guard(self._empty(self.margin + n_rows * stride + self.margin, dtype=dtype, device=device),
+        margin = max(self.min_margin, n_rows * stride)
+        buffer = fill_guard(self._empty(margin + n_rows * stride + margin, dtype=dtype, device=device),
                             tag=len(self.tensors))
-        view = buffer[self.margin:self.margin + n_rows * stride].view(*shape[:-1], stride)[..., :row].view(shape) \
-            if len(shape) else buffer[self.margin]
+        view = buffer[margin:margin + n_rows * stride].view(*shape[:-1], stride)[..., :row].view(shape) \
+            if len(shape) else buffer[margin]
         inside = torch.zeros(buffer.shape, dtype=torch.bool, device=device)
         inside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
         self.tensors.append((name, view, buffer, bits(buffer).clone(), inside))
@@ -99,7 +103,7 @@ class GuardedBuffers:
             changed = ((bits(buffer) != allocated) & ~inside).nonzero().flatten()
             if not len(changed):
                 continue
-            first, last = inside.nonzero().flatten()[[0, -1]].tolist() if inside.any() else (self.margin,) * 2
+            first, last = inside.nonzero().flatten()[[0, -1]].tolist() if inside.any() else (len(buffer) // 2,) * 2
             before, after = (changed < first).sum().item(), (changed > last).sum().item()
             between = len(changed) - before - after
             raise AssertionError(

@@ -5,9 +5,17 @@ hidden tests fail on it with an assertion message. Keys: the answer cell's grade
 {what the mistake is: the code a student might write}. Each answer cell holds a kernel and its
 launcher, so each plant is both, with the mistake in one of them.
 
-None of these may crash the grading process: the tests give unmasked kernels views into bigger
-buffers, so a missing mask reads or writes sentinel values, never memory outside a tensor.
+None of these may crash the grading process: the tests put every tensor a kernel sees in the
+middle of a NaN-filled guard buffer (deepseek_mini.kernels.guarded), so a missing mask reads or
+writes guard values, never memory outside an allocation. Without the guards, the plants that store
+without a mask corrupt the heap and kill the grading process.
 """
+
+
+def _edit(code, old, new):
+    """code with one exact piece replaced (fails loudly if the piece is not there)."""
+    assert code.count(old) == 1, f"{old!r} not found exactly once"
+    return code.replace(old, new)
 
 # ------------------------------------------------------------------ add
 
@@ -172,6 +180,8 @@ def add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offsets, tl.load(x_ptr + offsets) + tl.load(y_ptr + offsets))
 """ + _ADD_LAUNCHER,
+        "loads masked, tl.store not: the last block writes zeros past the end of out": _edit(
+            _ADD_KERNEL, "mask=mask), mask=mask)", "mask=mask))") + _ADD_LAUNCHER,
         "grid of n // block programs: the partial last block is never computed": _ADD_KERNEL + """
 def add(x, y, out=None, block=128):
     out = torch.empty_like(x) if out is None else out
@@ -202,6 +212,9 @@ def add(x, y, out=None, block=128):
 """) + _SOFTMAX_LAUNCHER,
         "rows addressed with n_cols instead of the row stride":
             _softmax_kernel(row_offset="row * n_cols") + _SOFTMAX_LAUNCHER,
+        "tl.store without a mask: the padded lanes of the last row write past the output": _edit(
+            _softmax_kernel(), "result.to(out_ptr.dtype.element_ty), mask=mask)", "result.to(out_ptr.dtype.element_ty))")
+            + _SOFTMAX_LAUNCHER,
         "one program for the whole tensor: only row 0 is computed": _softmax_kernel() + """
 def softmax(x):
     out = torch.empty_like(x)
@@ -212,6 +225,13 @@ def softmax(x):
     "matmul": {
         "no mask on the K tail: the last step reads past the end of each row": (
             _matmul_kernel(k_mask="", k_mask_b="") + _matmul_launcher()),
+        "a loaded without the K mask: its reads past K are multiplied by b's masked zeros": (
+            _matmul_kernel(k_mask="") + _matmul_launcher()),
+        "b loaded without the K mask: its reads past K are multiplied by a's masked zeros": (
+            _matmul_kernel(k_mask_b="") + _matmul_launcher()),
+        "tl.store without a mask: the edge tiles write past c": (
+            _edit(_matmul_kernel(), "acc.to(c_ptr.dtype.element_ty),\n             mask=(rows[:, None] < M) & (cols[None, :] < N))",
+                  "acc.to(c_ptr.dtype.element_ty))") + _matmul_launcher()),
         "K offsets do not advance: every step multiplies the first K block": (
             _matmul_kernel(k_offsets="ks") + _matmul_launcher()),
         "assumes contiguous inputs: strides computed from the shapes": (
@@ -235,6 +255,9 @@ def softmax(x):
                             rstd_line="rstd = 1.0 / tl.sqrt((tl.sum(x * x, axis=0) / n_cols).to(tl.float32) + eps)")
             + _rmsnorm_launcher()),
         "forgets the weight": _rmsnorm_kernel(y_line="y = x * rstd") + _rmsnorm_launcher(),
+        "tl.store without a mask: the padded lanes of the last row write past y": (
+            _edit(_rmsnorm_kernel(), "y.to(y_ptr.dtype.element_ty), mask=mask)", "y.to(y_ptr.dtype.element_ty))")
+            + _rmsnorm_launcher()),
         "output in x's dtype instead of the promoted one": (
             _rmsnorm_kernel() + _rmsnorm_launcher(dtype="x.dtype")),
     },
@@ -258,6 +281,14 @@ def softmax(x):
         if CAUSAL:
             s = tl.where(keys[None, :] <= rows[:, None], s, float("-inf"))""") + _flash_launcher(),
         "scores not scaled by 1/sqrt(D)": _flash_kernel(scale="") + _flash_launcher(),
+        "k and v loaded without a mask: keys past S get weight 0, but 0 * (what lies past v) is not always 0": (
+            _edit(_edit(_flash_kernel(), "k = tl.load(k_ptr + head + keys[:, None] * D + dims[None, :], mask=keys[:, None] < S, other=0.0)",
+                        "k = tl.load(k_ptr + head + keys[:, None] * D + dims[None, :])"),
+                  "v = tl.load(v_ptr + head + keys[:, None] * D + dims[None, :], mask=keys[:, None] < S, other=0.0)",
+                  "v = tl.load(v_ptr + head + keys[:, None] * D + dims[None, :])") + _flash_launcher()),
+        "tl.store without a mask: the last query block writes past the output": (
+            _edit(_flash_kernel(), "out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < S)", "out.to(o_ptr.dtype.element_ty))")
+            + _flash_launcher()),
         "grid of S // block_m query blocks: the last queries are never computed": (
             _flash_kernel() + _flash_launcher(grid="(S // block_m, B * H)")),
     },
