@@ -52,6 +52,15 @@ def _gemv(scheme, n=4096, k=4096):
                            "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k}}
 
 
+def _lora_update(rank):
+    from deepseek_mini.kernels.fused_lora import update_tiles
+
+    block_m, block_n, warps = update_tiles(interpreter=False)
+    return {"id": f"lora update r{rank}", "kernel": "deepseek_mini.kernels.fused_lora:_lora_update_kernel",
+            "num_warps": warps, "floats": ["scaling"],
+            "constexprs": {"UPCAST": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": rank}}
+
+
 def _autotuned(spec_id, kernel, types, constexprs, floats=()):
     """An autotuned kernel at its first GPU config."""
     return {"id": spec_id, "kernel": kernel, "config": 0, "types": types, "constexprs": constexprs, "floats": floats}
@@ -74,6 +83,7 @@ SPECS = [
                  {"GROUP_N": gn, "GROUP_K": gk, "INT4": name == "int4", "HAS_ZP": name == "int8",
                   "HAS_BIAS": True, "UPCAST": False})
       for name, w, gn, gk in (("int8", "*i8", 1, 1024), ("int4", "*u8", 1, 128), ("fp8", "*fp8e4nv", 128, 128))],
+    _lora_update(16), _lora_update(64),
     _autotuned("fp8 block gemm", f"{QM}:_fp8_block_gemm_kernel",
                {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32"},
                {"UPCAST": False, "BLOCK_K": 128}),
