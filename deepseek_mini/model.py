@@ -24,6 +24,7 @@ Conventions:
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,31 +94,61 @@ class DeepseekConfig:
     capacity_factor: float | None = None   # expert capacity for experiments (None: drop nothing)
 
     def __post_init__(self):
+        # Checked once here, so a bad value fails with its name instead of as a shape error or
+        # NaN logits deep in the forward pass (which stays free of checks).
         def bad(name, expected):
             raise ValueError(f"DeepseekConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+        def is_int(value):  # bool is an int to Python, never a size here
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_real(value):
+            return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "a positive int")
-        if self.qk_nope_head_dim < 0:
+        if not is_int(self.qk_nope_head_dim) or self.qk_nope_head_dim < 0:
             bad("qk_nope_head_dim", "an int >= 0")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "an even number (RoPE rotates pairs)")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            bad("q_lora_rank", "a positive int or None")
+        for name in ("q_lora_rank", "num_key_value_heads"):
+            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) <= 0):
+                bad(name, "a positive int or None")
+        for name in ("n_routed_experts", "n_shared_experts"):
+            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 0):
+                bad(name, "an int >= 0 or None")
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "a finite number > 0")
+        for name in ("aux_loss_alpha", "initializer_range"):
+            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "a finite number >= 0")
+        if self.capacity_factor is not None and (not is_real(self.capacity_factor) or self.capacity_factor <= 0):
+            bad("capacity_factor", "a finite number > 0 or None")
+        for name in ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings", "absorb_mla"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
+        if not is_int(self.first_k_dense_replace) or self.first_k_dense_replace < 0:
+            bad("first_k_dense_replace", "an int >= 0")
         if self.hidden_act != "silu":
             bad("hidden_act", "'silu' (the only activation DeepSeek uses)")
         if self.attention_dropout:
             bad("attention_dropout", "0.0 (attention dropout is not implemented)")
         rope_type(self.rope_scaling)  # raises on unsupported scaling
         if self.n_routed_experts:
+            if not is_int(self.moe_intermediate_size) or self.moe_intermediate_size <= 0:
+                bad("moe_intermediate_size", "a positive int")
             if self.scoring_func not in SCORING_FUNCS:
                 bad("scoring_func", f"one of {SCORING_FUNCS}")
             if self.topk_method not in TOPK_METHODS:
                 bad("topk_method", f"one of {TOPK_METHODS}")
-            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            if not is_int(self.num_experts_per_tok) or not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
                 bad("num_experts_per_tok", f"an int in [1, n_routed_experts={self.n_routed_experts}]")
+            for name in ("n_group", "topk_group"):
+                if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
+                    bad(name, "a positive int or None")
             if self.topk_method != "greedy":
                 n_group, topk_group = self.n_group or 1, self.topk_group or 1
                 if self.n_routed_experts % n_group:
@@ -126,8 +157,6 @@ class DeepseekConfig:
                     bad("topk_group", f"an int in [1, n_group={n_group}]")
             if self.moe_layer_freq != 1:
                 bad("moe_layer_freq", "1 (every layer after first_k_dense_replace is MoE)")
-            if self.first_k_dense_replace < 0:
-                bad("first_k_dense_replace", "an int >= 0")
 
     @property
     def qk_head_dim(self) -> int:

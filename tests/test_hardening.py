@@ -268,3 +268,38 @@ def test_resume_with_other_training_settings_is_an_error_unless_allowed(tmp_path
     # settings that do not change the steps may differ
     _, quiet = make(eval_every=5, progress=False, checkpoint_every=3, checkpoint_dir=str(tmp_path / "more"))
     assert quiet.load_checkpoint(tmp_path / "ckpt").step == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Validation: DeepseekConfig, quantization, LoRA loading
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("intermediate_size", -4, "a positive int"),
+    ("vocab_size", True, "a positive int"),
+    ("vocab_size", 512.0, "a positive int"),
+    ("moe_intermediate_size", 0, "a positive int"),
+    ("rms_norm_eps", 0.0, "a finite number > 0"),
+    ("rms_norm_eps", float("nan"), "a finite number > 0"),
+    ("rope_theta", 0.0, "a finite number > 0"),
+    ("rope_theta", -10000.0, "a finite number > 0"),
+    ("routed_scaling_factor", -1.0, "a finite number > 0"),
+    ("n_shared_experts", -1, "an int >= 0 or None"),
+    ("n_routed_experts", -2, "an int >= 0 or None"),
+    ("num_experts_per_tok", 1.5, "an int in"),
+    ("aux_loss_alpha", float("inf"), "a finite number >= 0"),
+    ("initializer_range", -0.02, "a finite number >= 0"),
+    ("capacity_factor", 0, "a finite number > 0 or None"),
+    ("norm_topk_prob", "yes", "True or False"),
+    ("n_group", 0, "a positive int or None"),
+])
+def test_config_names_the_bad_field(field, value, expected):
+    with pytest.raises(ValueError, match=rf"DeepseekConfig\.{field}=.*expected {expected}"):
+        DeepseekConfig(**{**SMALL, field: value})
+
+
+def test_config_accepts_the_real_sizes_and_plain_numbers():
+    DeepseekConfig.deepseek_v3()
+    DeepseekConfig.deepseek_v2_lite()
+    DeepseekConfig(rope_theta=10000, rms_norm_eps=1e-5, routed_scaling_factor=2)  # ints from a JSON file
+    DeepseekConfig(n_routed_experts=None, num_experts_per_tok=0)  # dense: the MoE fields do not matter
