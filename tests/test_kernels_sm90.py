@@ -61,6 +61,17 @@ def _lora_update(rank):
             "constexprs": {"UPCAST": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": rank}}
 
 
+def _rmsnorm_backward(rows, cols):
+    import triton as tr
+    from deepseek_mini.kernels.rmsnorm import _backward_launch
+
+    block = tr.next_power_of_2(cols)
+    block_r, warps, _ = _backward_launch(rows, block, sms=132)
+    return {"id": f"rmsnorm bwd {rows}x{cols}", "kernel": "deepseek_mini.kernels.rmsnorm:_rmsnorm_bwd_kernel",
+            "num_warps": warps, "types": {"rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32"},
+            "constexprs": {"BLOCK_R": block_r, "BLOCK": block}}
+
+
 def _autotuned(spec_id, kernel, types, constexprs, floats=()):
     """An autotuned kernel at its first GPU config."""
     return {"id": spec_id, "kernel": kernel, "config": 0, "types": types, "constexprs": constexprs, "floats": floats}
@@ -84,6 +95,7 @@ SPECS = [
                   "HAS_BIAS": True, "UPCAST": False})
       for name, w, gn, gk in (("int8", "*i8", 1, 1024), ("int4", "*u8", 1, 128), ("fp8", "*fp8e4nv", 128, 128))],
     _lora_update(16), _lora_update(64),
+    _rmsnorm_backward(4096, 4096), _rmsnorm_backward(32768, 512), _rmsnorm_backward(16384, 7168),
     _autotuned("fp8 block gemm", f"{QM}:_fp8_block_gemm_kernel",
                {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32"},
                {"UPCAST": False, "BLOCK_K": 128}),

@@ -42,7 +42,7 @@ OP = "fused_moe"
 def autotune_configs(gpu, interpreter):
     """Autotuning candidates [(meta, num_warps, num_stages)] on a GPU; only the `interpreter`
     meta in the interpreter, which cannot time kernels (a single-config autotuner launches
-    without benchmarking). Shared by the fused MoE, fused LoRA and quantized matmul kernels."""
+    without benchmarking). Shared by the fused MoE and quantized matmul kernels."""
     if interpreting():
         return [triton.Config(interpreter, num_warps=4, num_stages=1)]
     return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in gpu]
