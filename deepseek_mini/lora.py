@@ -154,12 +154,29 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
     for module in model.modules():
         for p in module.parameters(recurse=False):
             uses[id(p)] = uses.get(id(p), 0) + 1
-    model.requires_grad_(False)
-    for name, m in matches:
-        layer = LoRALinear(m, r, alpha, dropout, use_rslora)
-        layer.weight_is_shared = isinstance(m.weight, nn.Parameter) and uses[id(m.weight)] > 1
-        _set_module(model, name, layer)
+    before = _requires_grad(model)
+    try:
+        model.requires_grad_(False)
+        for name, m in matches:
+            layer = LoRALinear(m, r, alpha, dropout, use_rslora)
+            layer.weight_is_shared = isinstance(m.weight, nn.Parameter) and uses[id(m.weight)] > 1
+            _set_module(model, name, layer)
+    except BaseException:
+        _remove_adapters(model, before)  # e.g. a bad r: the model is as it was
+        raise
     return model
+
+
+def _requires_grad(model: nn.Module) -> dict:
+    return {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _remove_adapters(model: nn.Module, requires_grad: dict) -> None:
+    """Undo inject_lora: put the base layers back and the requires_grad flags as they were."""
+    for name, layer in lora_layers(model).items():
+        _set_module(model, name, layer.base)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -231,14 +248,25 @@ def load_lora(model: nn.Module, path) -> nn.Module:
     for f in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} not found; a LoRA adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = json.loads((path / CONFIG_NAME).read_text())
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / CONFIG_NAME} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG_NAME} must hold a JSON object, got a {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path / CONFIG_NAME} describes a {config.get('peft_type')!r} adapter, expected 'LORA'")
     unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias",
                                           "fan_in_fan_out", "modules_to_save") if config.get(k)}
     if unsupported:
         raise ValueError(f"adapter uses peft options load_lora does not support: {unsupported}")
-    tensors = load_file(path / WEIGHTS_NAME)
+    missing = [k for k in ("r", "lora_alpha") if k not in config]
+    if missing:
+        raise ValueError(f"{path / CONFIG_NAME} lacks {missing}")
+    try:
+        tensors = load_file(path / WEIGHTS_NAME)
+    except Exception as e:  # safetensors' error does not name the file
+        raise ValueError(f"cannot read {path / WEIGHTS_NAME} (truncated or not a safetensors file?): {e}") from None
     weights = {}  # module name -> {"lora_A": ..., "lora_B": ...}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -246,10 +274,24 @@ def load_lora(model: nn.Module, path) -> nn.Module:
                              f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
         module, which, _ = key[len(PEFT_PREFIX):].rsplit(".", 2)
         weights.setdefault(module, {})[which] = value
-    if not lora_layers(model):
-        inject_lora(model, sorted(weights), r=config["r"], alpha=config["lora_alpha"],
-                    dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False))
-    layers = lora_layers(model)
+    # a plain base model gets adapters injected here; if anything below fails they are removed
+    # again, so a failed load leaves the model exactly as it was (no adapters, nothing frozen)
+    inject = not lora_layers(model)
+    before = _requires_grad(model)
+    try:
+        if inject:
+            inject_lora(model, sorted(weights), r=config["r"], alpha=config["lora_alpha"],
+                        dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False))
+        _copy_adapter_weights(lora_layers(model), weights, config)
+    except BaseException:
+        if inject:
+            _remove_adapters(model, before)
+        raise
+    return model
+
+
+def _copy_adapter_weights(layers: dict[str, LoRALinear], weights: dict, config: dict) -> None:
+    """Check every adapter tensor against the model's LoRA layers, then copy them all."""
     if set(layers) != set(weights):
         raise ValueError(f"adapter modules {sorted(weights)} do not match the model's LoRA layers {sorted(layers)}")
     saved = (config["lora_alpha"], config.get("use_rslora", False))
@@ -257,12 +299,15 @@ def load_lora(model: nn.Module, path) -> nn.Module:
         if (layer.alpha, layer.use_rslora) != saved:
             raise ValueError(f"{name}: the model's adapter has (alpha, use_rslora) = {(layer.alpha, layer.use_rslora)} "
                              f"but the saved one has {saved}")
+    for name, layer in layers.items():
+        for which in ("lora_A", "lora_B"):
+            target, value = getattr(layer, which), weights[name].get(which)
+            if value is None or value.shape != target.shape:
+                raise ValueError(f"{name}.{which}: expected shape {tuple(target.shape)}, got "
+                                 f"{None if value is None else tuple(value.shape)}")
+            if not value.is_floating_point():
+                raise ValueError(f"{name}.{which}: expected a floating-point tensor, got {value.dtype}")
     with torch.no_grad():
         for name, layer in layers.items():
             for which in ("lora_A", "lora_B"):
-                target, value = getattr(layer, which), weights[name].get(which)
-                if value is None or value.shape != target.shape:
-                    raise ValueError(f"{name}.{which}: expected shape {tuple(target.shape)}, got "
-                                     f"{None if value is None else tuple(value.shape)}")
-                target.copy_(value)
-    return model
+                getattr(layer, which).copy_(weights[name][which])

@@ -133,9 +133,13 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(q >= 8, q - 16, q)  # nibbles 8..15 are the negatives -8..-1
 
 
-def _check_group_size(group_size: int, k: int, what: str):
-    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+def _check_group_value(group_size: int):
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
         raise ValueError(f"group_size must be an even integer >= 2, got {group_size!r}")
+
+
+def _check_group_size(group_size: int, k: int, what: str):
+    _check_group_value(group_size)
     if k % group_size:
         raise ValueError(f"{what} has K={k} columns, not divisible by group_size={group_size}; "
                          f"pick a group_size that divides K (e.g. {math.gcd(k, group_size)}) "
@@ -176,7 +180,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int 
 # ---------------------------------------------------------------------------------------------
 
 def _check_block_size(block_size: int):
-    if not isinstance(block_size, int) or block_size < 1:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
 
 
@@ -307,6 +311,14 @@ def quantization_error(w: torch.Tensor, w_hat: torch.Tensor, name: str = "", sch
 # QuantLinear and quantize_model
 # ---------------------------------------------------------------------------------------------
 
+def _check_input(x: torch.Tensor):
+    """A quantized layer computes in its input's dtype: an integer input would dequantize the
+    weight to integers (all zeros), so it is refused. Only the dtype is read: no device sync."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor (the activations), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}; token ids go through an embedding first")
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight is stored quantized and dequantized on the fly in forward.
 
@@ -395,6 +407,7 @@ class QuantLinear(nn.Module):
         return dequantize_fp8_block(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -469,6 +482,7 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         from deepseek_mini.moe import routed_experts
 
+        _check_input(x)
         weights = self.dequantize_weights(x.dtype)
         if fusable(x):
             from deepseek_mini.kernels.fused_moe import fused_moe
@@ -504,6 +518,10 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, bloc
     if fp8_activations and scheme != "fp8":
         raise ValueError(f"fp8_activations=True needs scheme='fp8', got scheme={scheme!r}")
     skip = _check_names("skip", skip)
+    if scheme == "int4":
+        _check_group_value(group_size)
+    if scheme == "fp8":
+        _check_block_size(block_size)
     kinds = (nn.Linear, Experts) if experts else (nn.Linear,)
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, kinds) and not name_matches(name, skip)]

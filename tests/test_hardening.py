@@ -303,3 +303,72 @@ def test_config_accepts_the_real_sizes_and_plain_numbers():
     DeepseekConfig.deepseek_v2_lite()
     DeepseekConfig(rope_theta=10000, rms_norm_eps=1e-5, routed_scaling_factor=2)  # ints from a JSON file
     DeepseekConfig(n_routed_experts=None, num_experts_per_tok=0)  # dense: the MoE fields do not matter
+
+
+def test_quantize_model_refuses_a_zero_group_or_block_size():
+    from torch import nn
+
+    from deepseek_mini.quant import quantize_model
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="group_size must be an even integer >= 2, got 0"):
+        quantize_model(model, "int4", group_size=0)
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got 0"):
+        quantize_model(model, "fp8", block_size=0)
+    assert isinstance(model[0], nn.Linear), "nothing is replaced when the arguments are wrong"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-asym", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_quantized_layers_refuse_integer_inputs(scheme, dtype):
+    from torch import nn
+
+    from deepseek_mini.moe import Experts
+    from deepseek_mini.quant import QuantExperts, QuantLinear
+
+    layer = QuantLinear.from_linear(nn.Linear(8, 4), scheme, group_size=8)
+    with pytest.raises(TypeError, match=rf"x must be a float16/bfloat16/float32 tensor .*got {dtype}"):
+        layer(torch.ones(2, 8, dtype=dtype))  # used to return integers (all zeros)
+    experts = QuantExperts(Experts(2, 8, 8), scheme, group_size=8)
+    with pytest.raises(TypeError, match=rf"got {dtype}"):
+        experts(torch.ones(3, 8, dtype=dtype), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+
+
+def _lora_state(model):
+    from deepseek_mini.lora import lora_layers
+
+    return (sorted(lora_layers(model)), {n: p.requires_grad for n, p in model.named_parameters()},
+            [type(m).__name__ for m in model.modules()])
+
+
+@pytest.mark.parametrize("damage", ["shape", "dtype", "rank", "missing_B", "truncated"])
+def test_a_failed_adapter_load_rolls_the_model_back(tmp_path, damage):
+    from deepseek_mini.lora import inject_lora, load_lora, save_lora
+
+    donor = small_model()
+    inject_lora(donor, ["q_b_proj", "o_proj"], r=4, alpha=8)
+    save_lora(donor, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("o_proj.lora_B.weight"))[-1]  # the last one copied
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    if damage == "shape":
+        tensors[key] = torch.zeros(3, 3)
+    elif damage == "dtype":
+        tensors[key] = tensors[key].to(torch.int64)
+    elif damage == "missing_B":
+        del tensors[key]
+    elif damage == "rank":
+        cfg["r"] = 0
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    if damage == "truncated":
+        data = (tmp_path / "adapter_model.safetensors").read_bytes()
+        (tmp_path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+    model = small_model()
+    model.embed_tokens.weight.requires_grad_(False)  # the caller's own choices survive the rollback
+    before, weights = _lora_state(model), _weights(model)
+    with pytest.raises(ValueError):
+        load_lora(model, tmp_path)
+    assert _lora_state(model) == before, "no adapter may stay injected, no parameter frozen"
+    assert _same(_weights(model), weights)
