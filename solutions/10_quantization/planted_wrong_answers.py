@@ -88,6 +88,8 @@ _PRUNE_GLOBAL_TAIL = """
 
 WRONG_ANSWERS = {
     "absmax_quantize": {
+        "negative dim not normalised: dim=-2 matches no axis, so every axis is reduced": _absmax(
+            "amax = x.abs().amax(dim=[d for d in range(x.ndim) if d != dim], keepdim=True)", _SCALE_OK, _CODE_OK),
         "casts with .to(torch.int8), which truncates toward zero instead of rounding":
             _absmax(_AMAX_OK, _SCALE_OK, "q = (x / scale).clamp(-127, 127).to(torch.int8)"),
         "rounds halves up with floor(x + 0.5)":
@@ -100,6 +102,15 @@ WRONG_ANSWERS = {
             _absmax(_AMAX_OK, "scale = amax / 127", _CODE_OK),
     },
     "zeropoint_quantize": {
+        "zero point truncated toward zero by .to(torch.int32) instead of rounded": """
+def zeropoint_quantize(x):
+    x = x.float()
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    zero_point = (-lo / scale - 128).to(torch.int32)
+    q = (torch.round(x / scale) + zero_point).clamp(-128, 127).to(torch.int8)
+    return q, scale, zero_point
+""" + _ZP_DEQUANT,
         "range [min, max] without 0: zero is no longer exact, a constant tensor divides by zero": """
 def zeropoint_quantize(x):
     x = x.float()
@@ -188,6 +199,17 @@ def unpack_int4(packed):
 """,
     },
     "int4_groups": {
+        "halves rounded up with floor(x + 0.5) (torch.round rounds them to even)": """
+def quantize_int4_groups(w, group_size=128):
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"quantize_int4_groups: K={k} is not a multiple of group_size={group_size}")
+    groups = w.float().reshape(n, k // group_size, group_size)
+    amax = groups.abs().amax(dim=-1)
+    scales = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    q = torch.floor(groups / scales[..., None] + 0.5).clamp(-7, 7).to(torch.int8)
+    return pack_int4(q.reshape(n, k)), scales
+""" + _DEQUANT_GROUPS_OK,
         "scale max|w| / 8 (the code -8 exists, but +8 does not: the largest weight is clipped)": """
 def quantize_int4_groups(w, group_size=128):
     n, k = w.shape
@@ -276,6 +298,24 @@ def fp8_block_dequantize(w_fp8, scale_inv, block_size=128):
 """ + _FP8_DEQUANT_OK,
     },
     "magnitude_prune": {
+        "halves of a weight rounded up with int(x + 0.5) (Python's round takes them to even)": """
+def magnitude_prune(weights, sparsity, scope="global"):
+    def keep_mask(magnitudes):
+        keep = torch.ones(magnitudes.numel(), dtype=torch.bool)
+        n_prune = int(sparsity * magnitudes.numel() + 0.5)
+        if n_prune:
+            keep[torch.topk(magnitudes.flatten(), n_prune, largest=False).indices] = False
+        return keep
+""" + _PRUNE_GLOBAL_TAIL,
+        "math.ceil of the number to prune": """
+def magnitude_prune(weights, sparsity, scope="global"):
+    def keep_mask(magnitudes):
+        keep = torch.ones(magnitudes.numel(), dtype=torch.bool)
+        n_prune = math.ceil(sparsity * magnitudes.numel())
+        if n_prune:
+            keep[torch.topk(magnitudes.flatten(), n_prune, largest=False).indices] = False
+        return keep
+""" + _PRUNE_GLOBAL_TAIL,
         "threshold |w| <= k-th smallest: every tie is pruned, not exactly k": """
 def magnitude_prune(weights, sparsity, scope="global"):
     def keep_mask(magnitudes):
