@@ -72,6 +72,12 @@ def _rmsnorm_backward(rows, cols):
             "constexprs": {"BLOCK_R": block_r, "BLOCK": block}}
 
 
+def _rope_rows(seq, block_half):
+    from deepseek_mini.kernels.rope import rows_per_program
+
+    return rows_per_program(seq, block_half)
+
+
 def _autotuned(spec_id, kernel, types, constexprs, floats=()):
     """An autotuned kernel at its first GPU config."""
     return {"id": spec_id, "kernel": kernel, "config": 0, "types": types, "constexprs": constexprs, "floats": floats}
@@ -83,6 +89,11 @@ _WEIGHT_ONLY_TYPES = {"scale_ptr": "*fp32", "zp_ptr": "*i32"}
 
 SPECS = [
     _gemv("int8"), _gemv("int4"), _gemv("fp8"),
+    # RoPE as rope_rotate launches it at head dim 64 (pairs) and 128 (halves)
+    *[{"id": f"rope {layout}", "kernel": "deepseek_mini.kernels.rope:_rope_kernel", "num_warps": 4,
+       "types": {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, "floats": ["sin_sign"],
+       "constexprs": {"INTERLEAVED": layout == "pairs", "BLOCK_S": _rope_rows(4096, half), "BLOCK_HALF": half}}
+      for layout, half in (("pairs", 32), ("halves", 64))],
     _autotuned("moe gemm swiglu", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
                {"A_ROW_DIV": 6, "HAS_SCALE": False, "SWIGLU": True, "SAVE": True, "UPCAST": False, "BLOCK_M": 64}),
     _autotuned("moe gemm scaled", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
