@@ -24,9 +24,26 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedb
 
 # Every assignment trains something on a CPU: the slowest cell (MNIST training, a tiny
 # pretraining run) takes up to a few minutes on 2 cores. A cell that runs longer is stopped,
-# the kernel interrupted, and grading goes on with the next cell.
+# the kernel interrupted, and grading goes on with the next cell. A cell that ignores the
+# interrupt (it catches BaseException or ignores SIGINT) would otherwise hang autograde: its
+# kernel is killed and restarted and the cells before it are run again (deepseek_mini.selfcheck).
 c.Execute.timeout = int(os.environ.get("DEEPSEEK_MINI_CELL_TIMEOUT", "600"))
 c.Execute.interrupt_on_timeout = True
+
+
+def _autograde_preprocessors():
+    from nbgrader.converters import Autograde
+    from nbgrader.preprocessors import Execute
+
+    from deepseek_mini.selfcheck import StopStuckCells
+
+    class ExecuteStoppingStuckCells(StopStuckCells, Execute):
+        pass
+
+    return [ExecuteStoppingStuckCells if p is Execute else p for p in Autograde.class_traits()["autograde_preprocessors"].default()]
+
+
+c.Autograde.autograde_preprocessors = _autograde_preprocessors()
 
 # Where release/fetch/submit/collect exchange files. One machine: a folder here (gitignored).
 # A shared JupyterHub: point DEEPSEEK_MINI_EXCHANGE at a folder every user can write (mode 777).

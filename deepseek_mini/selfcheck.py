@@ -6,6 +6,11 @@ Hidden tests are never run here (in an exercise notebook they are not even there
 
 Exit code: 0 when every exercise passes and no other cell fails, 1 otherwise, 2 when a notebook
 cannot be read. (`nbgrader validate` prints a similar report but always exits 0.)
+
+A cell that runs past `--timeout` is stopped the way the course's grader stops it (`StopStuckCells`,
+which course/nbgrader_config.py gives to `nbgrader autograde` too): the kernel is interrupted, and
+if the cell ignores that (it catches KeyboardInterrupt or BaseException, or ignores SIGINT) the
+kernel is killed and restarted, the cells before it are run again, and the notebook goes on.
 """
 
 import argparse
@@ -14,6 +19,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.util import ensure_async, run_sync
 
 HIDDEN_TESTS = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?^[ \t]*### END HIDDEN TESTS[ \t]*\n?", re.S | re.M)
 
@@ -31,16 +41,89 @@ def _nbgrader(cell) -> dict:
 
 
 def _error(cell):
-    """(ename, evalue) of the first error output of an executed cell, or None."""
-    for output in cell.get("outputs", []):
-        if output.get("output_type") == "error":
-            return output.get("ename", "Error"), output.get("evalue", "")
-    return None
+    """(ename, evalue) of an executed cell's error output (a timeout first), or None."""
+    errors = [(o.get("ename", "Error"), o.get("evalue", "")) for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    timeouts = [e for e in errors if e[0] == TIMEOUT_ERROR]
+    return (timeouts or errors or [None])[0]
 
 
 def _not_written(error) -> bool:
     """The error an unanswered exercise raises (Triton's interpreter wraps it in its own error)."""
     return error is not None and (error[0] == "NotImplementedError" or "NotImplementedError" in error[1])
+
+
+TIMEOUT_ERROR = "CellTimeoutError"  # the name nbgrader gives a cell stopped at its timeout
+
+
+class _KernelIgnoredInterrupt(Exception):
+    pass
+
+
+class StopStuckCells:
+    """Mix into an nbclient NotebookClient (nbgrader's Execute preprocessor is one) so that no cell
+    can hang the run. At the timeout the kernel is interrupted. A cell that does not stop within
+    `interrupt_grace_s` (it swallows KeyboardInterrupt or ignores SIGINT) gets its kernel killed
+    and restarted, and the cells that had completed are run again, silently, so that the cells
+    after it find their variables and are graded as usual. The stuck cell gets a CellTimeoutError
+    output that says "timed out after N s"; every other cell keeps its own result."""
+
+    interrupt_grace_s = 5.0  # a plain loop stops within milliseconds; a long torch op may need seconds
+
+    def reset_execution_trackers(self):
+        super().reset_execution_trackers()
+        self._completed = []  # (index, source) of the cells that ran to their end in this run
+
+    async def _async_handle_timeout(self, timeout, cell=None):
+        self.log.error("Cell timed out after %s s: interrupting the kernel", timeout)
+        await ensure_async(self.km.interrupt_kernel())
+        deadline = time.monotonic() + self.interrupt_grace_s
+        while True:  # one cell runs at a time, so the next execute_reply is this cell's
+            try:
+                msg = await ensure_async(self.kc.shell_channel.get_msg(timeout=max(0.0, deadline - time.monotonic())))
+            except Empty:
+                raise _KernelIgnoredInterrupt() from None
+            if msg.get("msg_type") == "execute_reply":
+                self._timed_out = _timeout_error(timeout)
+                return {"content": self._timed_out}
+
+    async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+        self._timed_out = None
+        try:
+            await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        except _KernelIgnoredInterrupt:
+            self.log.error("The cell ignored the interrupt: restarting the kernel, re-running %d cells", len(self._completed))
+            await self._restart_and_replay()
+            self._timed_out = _timeout_error(self._get_timeout(cell), " and ignored the interrupt, so the kernel was "
+                                             "restarted and the cells before it were run again")
+        if self._timed_out is None:
+            if cell.cell_type == "code" and cell.source.strip():
+                self._completed.append((cell_index, cell.source))
+        elif not any(o.get("ename") == TIMEOUT_ERROR for o in cell.outputs):  # nbgrader adds one itself
+            error = {k: self._timed_out[k] for k in ("ename", "evalue", "traceback")}
+            cell.outputs.append(nbformat.v4.new_output("error", **error))
+        return cell
+
+    execute_cell = run_sync(async_execute_cell)  # nbconvert (so nbgrader) calls the sync name
+
+    async def _restart_and_replay(self):
+        await ensure_async(self.km.restart_kernel(now=True))  # SIGKILL, then the same command in the same folder
+        await ensure_async(self.kc.stop_channels())
+        await self.async_start_new_kernel_client()
+        for index, source in self._completed:
+            msg_id = self.kc.execute(source, silent=True, store_history=False)
+            deadline = time.monotonic() + (self._get_timeout(None) or 600)
+            while True:
+                try:
+                    msg = await ensure_async(self.kc.shell_channel.get_msg(timeout=max(0.0, deadline - time.monotonic())))
+                except Empty:
+                    raise RuntimeError(f"cell {index} did not finish when run again after the kernel restart") from None
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    break
+
+
+def _timeout_error(timeout, why="") -> dict:
+    message = f"timed out after {timeout} s{why}"
+    return {"status": "error", "ename": TIMEOUT_ERROR, "evalue": message, "traceback": [f"{TIMEOUT_ERROR}: {message}"]}
 
 
 def strip_hidden_tests(nb):
@@ -51,14 +134,15 @@ def strip_hidden_tests(nb):
     return nb
 
 
+class SelfCheckClient(StopStuckCells, NotebookClient):
+    pass
+
+
 def execute(path: Path, timeout: int):
     """Run every cell in a fresh kernel from the notebook's folder; errors do not stop the run."""
-    import nbformat
-    from nbclient import NotebookClient
-
     nb = strip_hidden_tests(nbformat.read(path, as_version=4))
     kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, allow_errors=True,
+    client = SelfCheckClient(nb, timeout=timeout, kernel_name=kernel, allow_errors=True,
                             interrupt_on_timeout=True, resources={"metadata": {"path": str(path.parent)}})
     client.execute()
     return nb

@@ -29,6 +29,11 @@ SOLUTIONS = ROOT / "solutions"
 EXERCISES = ROOT / "exercises"
 ASSIGNMENTS = sorted(p.name for p in SOLUTIONS.iterdir() if p.is_dir() and any(p.glob("*.ipynb")))
 LOOP_TIMEOUT = 40  # per-cell limit (s) while grading 00_setup, whose cells each take a few seconds
+# Answers that loop forever and survive the kernel interrupt sent at the cell timeout.
+STUCK_ANSWERS = {
+    "swallower": "while True:\n    try:\n        while True:\n            pass\n    except BaseException:\n        pass\n",
+    "deaf": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n",
+}
 
 pytestmark = pytest.mark.notebooks
 
@@ -252,6 +257,13 @@ def _errors(course, student, assignment):
     return errors
 
 
+def _error_text(course, student, assignment):
+    """Every error line of one student's autograded notebooks, as one string."""
+    return "\n".join(f"{o['ename']}: {o['evalue']}" for path in (course / "autograded" / student / assignment).glob("*.ipynb")
+                     for cell in json.loads(path.read_text())["cells"] for o in cell.get("outputs", [])
+                     if o["output_type"] == "error")
+
+
 _graded = {}
 
 
@@ -269,6 +281,8 @@ def autograde(course, assignment):
         _submit(course, "ada_twin", assignment, _answer_with(answers))            # the same submission again
         _submit(course, "sloppy", assignment, _answer_with(answers, {"standardize": next(iter(wrong["standardize"].values()))}))
         _submit(course, "looper", assignment, _answer_with(answers, {"standardize": "while True:\n    pass\n"}))
+        for student, stuck in STUCK_ANSWERS.items():  # loops that survive the interrupt
+            _submit(course, student, assignment, _answer_with(answers, {"standardize": stuck}))
         _submit(course, "cheater", assignment, _tamper)
         env["DEEPSEEK_MINI_CELL_TIMEOUT"] = str(LOOP_TIMEOUT)
     log = nbgrader("autograde", assignment, cwd=course, env_extra=env, timeout=1800)
@@ -294,12 +308,16 @@ def test_solution_gets_full_marks_and_blank_gets_zero(course, assignment):
 def test_tricky_submissions(course):
     scores, max_scores, flagged, log = autograde(course, "00_setup")
     total = {student: sum(v or 0 for v in s.values()) for student, s in scores.items()}
-    assert not any(flagged[s] for s in ("ada", "ada_twin", "blank", "sloppy", "looper")), flagged
+    assert not any(flagged[s] for s in ("ada", "ada_twin", "blank", "sloppy", "looper", *STUCK_ANSWERS)), flagged
     assert scores["ada_twin"] == scores["ada"] == max_scores, "the same submission graded twice got different scores"
     assert scores["sloppy"] == {**max_scores, "test_standardize": 0}, "a planted mistake must cost its points"
-    # The infinite loop is stopped after the cell timeout; only that exercise loses its points.
-    assert scores["looper"] == {**max_scores, "test_standardize": 0}, scores["looper"]
-    assert "CellTimeoutError" in _errors(course, "looper", "00_setup").values()
+    # An infinite loop is stopped after the cell timeout, even one that catches BaseException or
+    # ignores SIGINT (its kernel is killed, restarted, and the cells before it are run again):
+    # only that exercise loses its points, and the later exercise still gets its points.
+    for student in ("looper", *STUCK_ANSWERS):
+        assert scores[student] == {**max_scores, "test_standardize": 0}, (student, scores[student])
+        assert "CellTimeoutError" in _errors(course, student, "00_setup").values(), student
+        assert f"timed out after {LOOP_TIMEOUT} s" in _error_text(course, student, "00_setup"), student
     # The edited test cell is restored from the gradebook (its checksum differs), so it runs the
     # real tests and scores 0; the deleted one earns no automatic points and is flagged for the
     # instructor in formgrader.
@@ -345,6 +363,31 @@ def test_selfcheck_passes_the_solution_and_never_runs_hidden_tests(tmp_path):
     out = subprocess.run([sys.executable, "-m", "deepseek_mini.selfcheck", str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2/2 exercises pass" in out.stdout
+
+
+def test_selfcheck_stops_cells_that_ignore_the_interrupt(tmp_path):
+    """--timeout stops a plain loop, one that catches BaseException and one that ignores SIGINT,
+    says "timed out after N s", and keeps the earlier cells' variables for the later ones."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    def cell(source, grade_id, graded):
+        meta = {"grade": graded, "solution": not graded, "locked": graded, "grade_id": grade_id, "schema_version": 3}
+        return new_code_cell(source, metadata={"nbgrader": {**meta, "points": 1} if graded else meta})
+
+    loops = {"plain": "while True:\n    pass\n", **STUCK_ANSWERS}
+    cells = [new_code_cell("x = 41")]
+    for name, loop in loops.items():
+        cells += [cell(loop, name, False), cell("assert x + 1 == 42, 'x is lost'", f"test_after_{name}", True)]
+    path = tmp_path / "stuck.ipynb"
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}}), path)
+    out = subprocess.run([sys.executable, "-m", "deepseek_mini.selfcheck", str(path), "--timeout", "3"],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1, out.stdout + out.stderr
+    for name in loops:
+        assert re.search(rf"ERROR +answer cell {name} +CellTimeoutError: timed out after 3 s", out.stdout), out.stdout
+        assert re.search(rf"PASS +test_after_{name} ", out.stdout), out.stdout
+    assert "3/3 exercises pass" in out.stdout, out.stdout
 
 
 def test_selfcheck_rejects_a_missing_notebook(tmp_path, capsys):
