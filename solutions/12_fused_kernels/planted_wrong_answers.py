@@ -90,11 +90,15 @@ WRONG_ANSWERS = {
         "reads the weight at act_bytes (int4 would gain nothing)": _roofline(
             nbytes="n * k * act_bytes + m * k * act_bytes + m * n * act_bytes"),
         "adds the compute time and the memory time": _roofline(seconds="flops / peak + nbytes / bandwidth"),
+        "exactly at the ridge point counted as memory-bound (<= instead of <)": _roofline(
+            bound='"memory" if intensity <= peak / bandwidth else "compute"'),
         "compares the intensity with the H100 ridge point instead of peak / bandwidth": _roofline(
             bound='"memory" if intensity < 295 else "compute"'),
     },
     "moe_align": {
         "pads with -1 instead of the sentinel N*K": _align(sentinel="-1"),
+        "num_padded returned as a 0-d tensor, not an int": _align().replace("num_padded = int(padded.sum())",
+            "num_padded = padded.sum()"),
         "stores the token index n instead of the pair index p = n*K + k": _align(stored="order // topk_idx.shape[1]"),
         "adds a whole block of padding when the count is already a multiple of block_m": _align(
             padding="\n    padded = (counts // block_m + 1) * block_m\n"),
