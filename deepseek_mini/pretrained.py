@@ -104,11 +104,25 @@ def pretrained(name: str = "tiny", *, rebuild: bool = False, progress: bool = Tr
 
     corpus = stdlib_corpus(max_chars=recipe.corpus_chars)
     folder = paths.models_dir() / f"{name}-{cache_key(recipe, corpus.fingerprint())}"
-    if rebuild or not _complete(folder):
-        with _build_lock(folder):
-            if rebuild or not _complete(folder):  # another process may have built it meanwhile
-                _build(recipe, corpus, folder, progress=progress, replace=rebuild)
+    damaged = None  # the inode of a cache folder found damaged, to repair it once
+    if not rebuild and _complete(folder):
+        try:
+            return load(folder)
+        except DamagedCacheError as e:
+            if progress:
+                print(f"pretrained: {e}; building it again")
+            damaged = folder.stat().st_ino
+    with _build_lock(folder):
+        # another process may have built or repaired it meanwhile (a repair is a new folder)
+        repaired = damaged is not None and folder.exists() and folder.stat().st_ino != damaged
+        if rebuild or (damaged is not None and not repaired) or not _complete(folder):
+            # an existing folder here is incomplete or damaged, or asked to be rebuilt: replace it
+            _build(recipe, corpus, folder, progress=progress, replace=rebuild or folder.exists())
     return load(folder)
+
+
+class DamagedCacheError(ValueError):
+    """A cached model folder whose files exist but cannot be read (truncated, edited, ...)."""
 
 
 def load(folder) -> Pretrained:
@@ -121,14 +135,30 @@ def load(folder) -> Pretrained:
     folder = Path(folder)
     if not _complete(folder):
         missing = [f for f in _FILES if not (folder / f).is_file()]
-        raise FileNotFoundError(f"load: {folder} is not a complete pretrained model folder (missing {missing})")
-    config = DeepseekConfig(**json.loads((folder / "config.json").read_text()))
-    model = DeepseekModel(config)
-    load_model(model, str(folder / "model.safetensors"))
-    model.eval()
-    recipe = Recipe(**json.loads((folder / "recipe.json").read_text()))
-    history = json.loads((folder / "history.json").read_text())
-    return Pretrained(model, ByteBPETokenizer.load(folder / "tokenizer.json"), folder, recipe, history)
+        raise FileNotFoundError(f"load: {folder} is not a complete pretrained model folder (missing {missing}); "
+                                "pretrained(..., rebuild=True) builds it again")
+    reading = "config.json"
+    try:
+        config = DeepseekConfig(**json.loads((folder / reading).read_text()))
+        model = DeepseekModel(config)
+        reading = "model.safetensors"
+        load_model(model, str(folder / reading))
+        model.eval()
+        reading = "recipe.json"
+        recipe = Recipe(**json.loads((folder / reading).read_text()))
+        reading = "history.json"
+        history = json.loads((folder / reading).read_text())
+        reading = "tokenizer.json"
+        tokenizer = ByteBPETokenizer.load(folder / reading)
+    except Exception as e:  # what a damaged file raises depends on the reader (JSON, safetensors, ...)
+        raise DamagedCacheError(f"load: {folder / reading} is damaged ({type(e).__name__}: {e}); "
+                                "pretrained(..., rebuild=True) replaces the cached model") from e
+    return Pretrained(model, tokenizer, folder, recipe, history)
+
+
+def built_models(name: str = "tiny") -> list[Path]:
+    """Complete cached folders of model `name` (one per recipe and corpus built here)."""
+    return sorted(f for f in paths.models_dir().glob(f"{name}-*") if f.is_dir() and _complete(f))
 
 
 def _complete(folder: Path) -> bool:
@@ -146,7 +176,8 @@ class _build_lock:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(self.path.parent, os.W_OK):
-            raise PermissionError(f"pretrained: the model is not built yet and {self.path.parent} is not writable; "
+            raise PermissionError(f"pretrained: the model is not built yet (or damaged) and {self.path.parent} is not "
+                                  "writable; "
                                   "set DEEPSEEK_MINI_HOME to a folder you can write, or ask your instructor to build it")
         self.file = open(self.path, "a")
         try:

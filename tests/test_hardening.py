@@ -372,3 +372,39 @@ def test_a_failed_adapter_load_rolls_the_model_back(tmp_path, damage):
         load_lora(model, tmp_path)
     assert _lora_state(model) == before, "no adapter may stay injected, no parameter frozen"
     assert _same(_weights(model), weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. pretrained() cache repair (a private DEEPSEEK_MINI_HOME, a seconds-long recipe)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_MINI_HOME", str(tmp_path))
+    from test_pretrained import FAST
+
+    return {**FAST, "steps": 2}
+
+
+@pytest.mark.parametrize("damage", ["missing_file", "truncated_weights", "bad_json"])
+def test_a_damaged_cache_entry_is_rebuilt(tiny_home, damage):
+    from deepseek_mini.pretrained import DamagedCacheError, load, pretrained
+
+    first = pretrained("tiny", **tiny_home)
+    weights = _weights(first.model)
+    if damage == "missing_file":
+        (first.path / "history.json").unlink()
+    elif damage == "truncated_weights":
+        data = (first.path / "model.safetensors").read_bytes()
+        (first.path / "model.safetensors").write_bytes(data[: len(data) // 3])
+        with pytest.raises(DamagedCacheError, match=r"model.safetensors is damaged .*rebuild=True"):
+            load(first.path)
+    else:
+        (first.path / "config.json").write_text("[1, 2")
+        with pytest.raises(ValueError, match=r"config.json is damaged .*rebuild=True"):
+            load(first.path)
+
+    again = pretrained("tiny", **tiny_home)  # used to fail with "Directory not empty" / SafetensorError
+    assert again.path == first.path and _same(_weights(again.model), weights), "the build is deterministic"
+    assert pretrained("tiny", **tiny_home).path == first.path  # and the repaired entry loads from now on
+    assert [p.name for p in first.path.parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] == []
