@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -143,6 +144,65 @@ def stop_user_processes(user):
             pass
 
 
+def hub_env(root, **settings):
+    """The environment to run setup_workshop.py and the hub with, on free loopback ports."""
+    port, api_port, proxy_port = free_port(), free_port(), free_port()
+    env = dict(os.environ, DEEPSEEK_MINI_HUB_ROOT=str(root), DEEPSEEK_MINI_HUB_IP="127.0.0.1",
+               DEEPSEEK_MINI_HUB_PORT=str(port), DEEPSEEK_MINI_HUB_API_PORT=str(api_port),
+               DEEPSEEK_MINI_HUB_PROXY_API_PORT=str(proxy_port), DEEPSEEK_MINI_HUB_CPU="1")
+    for name in ("DEEPSEEK_MINI_HUB_PASSWORD", "DEEPSEEK_MINI_HUB_ADMIN_PASSWORD",
+                 "DEEPSEEK_MINI_HUB_API_TOKEN"):
+        env.pop(name, None)
+    env.update(settings)
+    return env
+
+
+@contextmanager
+def running_hub(root, env, request):
+    """JupyterHub on course/hub/jupyterhub_config.py, unedited; yields its URL. Its log is kept
+    in test-artifacts/ when a test failed."""
+    if shutil.which("configurable-http-proxy") is None:
+        pytest.skip("configurable-http-proxy is not installed (./scripts/system-deps installs it)")
+    log_path = root / "hub" / "jupyterhub.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f",
+                                 str(HUB_DIR / "jupyterhub_config.py")],
+                                cwd=root / "hub", env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{env['DEEPSEEK_MINI_HUB_PORT']}"
+            deadline = time.time() + 60
+            while True:
+                try:
+                    if requests.get(f"{url}/hub/api/", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError("JupyterHub did not start:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)  # the hub stops the user servers, then the proxy
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if request.session.testsfailed:  # the hub's and the servers' own account of it
+                ARTIFACTS.mkdir(exist_ok=True)
+                shutil.copy2(log_path, ARTIFACTS / f"hub-{root.name}.log")
+
+
+def setup_workshop(env, root, check=True):
+    """Run setup_workshop.py (again) for this test's accounts."""
+    return subprocess.run([sys.executable, str(HUB_DIR / "setup_workshop.py"), "--root", str(root),
+                           "--instructor", INSTRUCTOR, "--students", ",".join(STUDENTS),
+                           "--course-source", str(COURSE_SOURCE),
+                           # the tiny model trains for minutes: not needed by assignment 00
+                           "--skip-model"],
+                          check=check, env=env, timeout=300, capture_output=not check, text=True)
+
+
 @pytest.fixture(scope="module")
 def hub(request):
     if os.geteuid() != 0:
@@ -155,50 +215,15 @@ def hub(request):
         pytest.skip(f"solutions/{ASSIGNMENT} is not in this checkout")
     root = Path(tempfile.mkdtemp(prefix=f"dsm-hub-{RUN}-", dir="/tmp"))
     root.chmod(0o755)  # users reach the shared env, data and exchange through it
-    port, api_port, proxy_port = free_port(), free_port(), free_port()
     admin_token = secrets.token_hex(32)
-    env = dict(os.environ, DEEPSEEK_MINI_HUB_ROOT=str(root), DEEPSEEK_MINI_HUB_IP="127.0.0.1",
-               DEEPSEEK_MINI_HUB_PORT=str(port), DEEPSEEK_MINI_HUB_API_PORT=str(api_port),
-               DEEPSEEK_MINI_HUB_PROXY_API_PORT=str(proxy_port),
-               DEEPSEEK_MINI_HUB_API_TOKEN=admin_token, DEEPSEEK_MINI_HUB_CPU="1")
-    env.pop("DEEPSEEK_MINI_HUB_PASSWORD", None)
-    log = proc = None
+    env = hub_env(root, DEEPSEEK_MINI_HUB_API_TOKEN=admin_token)
     try:
-        subprocess.run([sys.executable, str(HUB_DIR / "setup_workshop.py"), "--root", str(root),
-                        "--instructor", INSTRUCTOR, "--students", ",".join(STUDENTS),
-                        "--course-source", str(COURSE_SOURCE),
-                        # the tiny model trains for minutes: not needed by assignment 00
-                        "--skip-model"],
-                       check=True, env=env, timeout=300)
-        log = open(root / "hub" / "jupyterhub.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f",
-                                 str(HUB_DIR / "jupyterhub_config.py")],
-                                cwd=root / "hub", env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/hub/api/", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("JupyterHub did not start:\n" + (root / "hub" / "jupyterhub.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield Hub(url, admin_token, root)
+        setup_workshop(env, root)
+        with running_hub(root, env, request) as url:
+            hub = Hub(url, admin_token, root)
+            hub.env = env
+            yield hub
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)  # the hub stops the user servers, then the proxy
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if log is not None:
-            log.close()
-            if request.session.testsfailed:  # the hub's and the servers' own account of it
-                ARTIFACTS.mkdir(exist_ok=True)
-                shutil.copy2(root / "hub" / "jupyterhub.log", ARTIFACTS / "hub-jupyterhub.log")
         for user in (INSTRUCTOR, *STUDENTS):
             stop_user_processes(user)
             subprocess.run(["userdel", "--remove", user], capture_output=True)
@@ -361,3 +386,100 @@ def points_depending_on(source_nb, grade_id):
         elif inside and meta.get("grade") and c.cell_type == "code":
             points += meta.get("points", 0)
     return points
+
+
+def test_students_cannot_take_over_the_course_in_the_exchange(hub):
+    """Everyone fetches what is in exchange/<course>: a student must not be able to move the
+    instructor's folder aside and put their own in its place (nor write into it)."""
+    exchange = hub.root / "exchange"
+    course = exchange / COURSE_ID
+    assert os.stat(exchange).st_mode & 0o7777 == 0o1777, "the exchange must be 777 and sticky"
+    assert course.is_dir() and not course.is_symlink()
+    assert course.owner() == INSTRUCTOR and os.stat(course).st_mode & 0o022 == 0
+    attempts = {
+        "rename": ["mv", str(course), str(exchange / "moved-away")],
+        "delete": ["rm", "-rf", str(course)],
+        "write into": ["mkdir", str(course / "outbound-mine")],
+    }
+    for what, cmd in attempts.items():
+        assert as_user(STUDENT_WRONG, *cmd).returncode != 0, f"a student could {what} {course}"
+    assert course.is_dir() and course.owner() == INSTRUCTOR
+    assert not (exchange / "moved-away").exists() and not (course / "outbound-mine").exists()
+    # The instructor's nbgrader still releases there (test_workshop_flow_through_the_hub covers
+    # the whole cycle); a student fetches the instructor's release, not anyone else's.
+
+
+def test_setup_refuses_a_course_folder_a_student_made(hub):
+    """If a student made exchange/<course> before the setup ran (or a folder of that name is
+    there from an older set-up), the setup stops and says so instead of adopting it."""
+    course = hub.root / "exchange" / COURSE_ID
+    kept = hub.root / "exchange-course-kept"
+    course.rename(kept)
+    try:
+        made = as_user(STUDENT_WRONG, "mkdir", str(course))
+        assert made.returncode == 0, made.stderr  # anyone may create folders in the exchange
+        rerun = setup_workshop(hub.env, hub.root, check=False)
+        assert rerun.returncode != 0, "setup accepted a course folder made by a student"
+        assert str(course) in rerun.stderr and f"owned by {STUDENT_WRONG}" in rerun.stderr, rerun.stderr
+        assert course.owner() == STUDENT_WRONG, "setup must not hand the student's folder around"
+    finally:
+        shutil.rmtree(course, ignore_errors=True)
+        kept.rename(course)
+
+
+def test_setup_rerun_never_writes_through_links_in_a_home(hub):
+    """Running the setup again (to add a student, say) writes in the instructor's home. If the
+    instructor replaced ~/.jupyter or ~/deepseek-mini with a link to a folder of root's, the
+    setup must not write or chown anything there: it fails, naming what it could not write."""
+    home = Path(pwd.getpwnam(INSTRUCTOR).pw_dir)
+    for name in (".jupyter", "deepseek-mini"):
+        target = hub.root / f"root-owned{name}"  # like /etc: root's, readable by all
+        target.mkdir(mode=0o755)
+        (target / "keep.txt").write_text("root's file\n")
+        try:
+            for cmd in (["mv", str(home / name), str(home / f"{name}.real")],
+                        ["ln", "-s", str(target), str(home / name)]):
+                done = as_user(INSTRUCTOR, *cmd)  # what the instructor can do in their own home
+                assert done.returncode == 0, done.stderr
+            rerun = setup_workshop(hub.env, hub.root, check=False)
+            assert rerun.returncode != 0, f"setup wrote through ~/{name}, a link to a root-owned folder"
+            assert f"as {INSTRUCTOR}" in rerun.stderr and "Permission denied" in rerun.stderr, rerun.stderr
+            assert [p.name for p in target.iterdir()] == ["keep.txt"], f"setup wrote into {target}"
+            for path in (target, target / "keep.txt"):
+                assert os.stat(path).st_uid == 0, f"setup chowned {path} through ~/{name}"
+        finally:
+            if (home / name).is_symlink():
+                (home / name).unlink()
+            if (home / f"{name}.real").exists():
+                (home / f"{name}.real").rename(home / name)
+            shutil.rmtree(target)
+    # with the home as it was, a re-run is fine and leaves the instructor's course in place
+    setup_workshop(hub.env, hub.root)
+    config = home / ".jupyter" / "nbgrader_config.py"
+    assert config.owner() == INSTRUCTOR and "deepseek-mini/course/nbgrader_config.py" in config.read_text()
+    assert (home / "deepseek-mini" / "solutions" / ASSIGNMENT).is_dir()
+    assert (hub.root / "exchange" / COURSE_ID).owner() == INSTRUCTOR
+
+
+def test_shared_password_mode_lets_the_instructor_in(request, tmp_path):
+    """With one shared password for students, the instructors (hub admins) log in with their own
+    admin password; nobody gets in with the other's password. Without an admin password the
+    hub refuses to start, saying which setting is missing, rather than lock the instructors out."""
+    root = tmp_path / "hub-root"
+    (root / "hub").mkdir(parents=True)
+    (root / "users.txt").write_text("teacher instructor\npupil student\n")
+    student_password, admin_password = secrets.token_urlsafe(12), secrets.token_urlsafe(32)
+
+    missing = subprocess.run([sys.executable, "-m", "jupyterhub", "-f", str(HUB_DIR / "jupyterhub_config.py")],
+                             cwd=root / "hub", capture_output=True, text=True, timeout=120,
+                             env=hub_env(root, DEEPSEEK_MINI_HUB_PASSWORD=student_password))
+    assert missing.returncode != 0 and "DEEPSEEK_MINI_HUB_ADMIN_PASSWORD" in missing.stdout + missing.stderr
+
+    env = hub_env(root, DEEPSEEK_MINI_HUB_PASSWORD=student_password,
+                  DEEPSEEK_MINI_HUB_ADMIN_PASSWORD=admin_password)
+    with running_hub(root, env, request) as url:
+        assert hub_login(url, "teacher", admin_password)
+        assert hub_login(url, "pupil", student_password)
+        assert not hub_login(url, "teacher", student_password)
+        assert not hub_login(url, "pupil", admin_password)
+        assert not hub_login(url, "stranger", student_password)  # only the class list gets in

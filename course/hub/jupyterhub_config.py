@@ -9,7 +9,9 @@
 #   DEEPSEEK_MINI_HUB_IP/PORT   where the hub listens (default 127.0.0.1:8000; put a TLS proxy
 #                               in front, or set IP=0.0.0.0 with c.JupyterHub.ssl_cert/ssl_key)
 #   DEEPSEEK_MINI_HUB_CPU/MEM   per-user limits (default 2 cores, 4G), enforced by SystemdSpawner
-#   DEEPSEEK_MINI_HUB_PASSWORD  if set: one shared password instead of system (PAM) passwords
+#   DEEPSEEK_MINI_HUB_PASSWORD  if set: one shared password for students instead of system (PAM)
+#                               passwords; then DEEPSEEK_MINI_HUB_ADMIN_PASSWORD (32+ characters)
+#                               is the instructors' (hub admins') password
 #   DEEPSEEK_MINI_HUB_API_TOKEN if set: an admin service token for scripts (tests, pre-starting
 #                               servers before class)
 # See README.md in this folder for the walk-through.
@@ -37,8 +39,19 @@ c.JupyterHub.admin_access = False  # but never open a student's files through th
 if os.environ.get("DEEPSEEK_MINI_HUB_PASSWORD"):
     # Convenient for a one-day workshop with throwaway accounts. Beware: with one shared
     # password anyone can log in as any non-admin user, i.e. as another student.
+    # Admins (the instructors) never log in with the students' password: SharedPasswordAuthenticator
+    # takes them only with its admin password, and without one they are locked out.
+    student_password = os.environ["DEEPSEEK_MINI_HUB_PASSWORD"]
+    admin_password = os.environ.get("DEEPSEEK_MINI_HUB_ADMIN_PASSWORD", "")
+    if len(student_password) < 8:
+        raise SystemExit("DEEPSEEK_MINI_HUB_PASSWORD must be at least 8 characters")
+    if len(admin_password) < 32 or admin_password == student_password:
+        raise SystemExit("DEEPSEEK_MINI_HUB_PASSWORD is set, so instructors need their own password: set "
+                         "DEEPSEEK_MINI_HUB_ADMIN_PASSWORD to at least 32 characters, different from "
+                         "the students' (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
     c.JupyterHub.authenticator_class = "shared-password"
-    c.SharedPasswordAuthenticator.user_password = os.environ["DEEPSEEK_MINI_HUB_PASSWORD"]
+    c.SharedPasswordAuthenticator.user_password = student_password
+    c.SharedPasswordAuthenticator.admin_password = admin_password
 else:
     # Each student logs in with their own system account's password (set with chpasswd).
     c.JupyterHub.authenticator_class = "pam"

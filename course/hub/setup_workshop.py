@@ -5,32 +5,41 @@
 It makes, under --root (default /srv/deepseek-mini, what jupyterhub_config.py reads):
     venv/                 a Python environment every user can run (see --env)
     shared/               DEEPSEEK_MINI_HOME: data and the tiny model, built once, read-only
-    exchange/             the nbgrader exchange, writable by all (mode 777, nbgrader's design)
+    exchange/             the nbgrader exchange: writable by all, sticky (mode 1777), with the
+                          course's folder made here and owned by the (first) instructor
     etc/jupyter/          the system-wide nbgrader config (course id, exchange)
     hub/                  the hub's own state (root only)
     users.txt             who may log in, and as what
 and one system account per person (home mode 700), with the course (course/, solutions/,
 exercises/) copied into the instructor's ~/deepseek-mini. Running it again is safe: it adds
-what is missing and leaves existing homes, courses and data alone.
+what is missing and leaves existing homes, courses and data alone. Whatever it writes in a
+home it writes as that home's owner, so a link planted there cannot turn root's hand elsewhere.
 """
 
 import argparse
+import fnmatch
+import io
 import os
 import platform
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
+import tarfile
 from pathlib import Path
+
+from traitlets.config.loader import PyFileConfigLoader
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 COURSE_FOLDERS = ("course", "solutions", "exercises")
 # nbgrader state the instructor starts fresh with (never copied from the repo checkout)
-COURSE_IGNORE = shutil.ignore_patterns("gradebook.db", "submitted", "autograded", "feedback",
-                                       "exchange", "release", "hub", ".ipynb_checkpoints",
-                                       "__pycache__", "*.pyc", "grades.csv", ".nbgrader.log")
+COURSE_IGNORE = ("gradebook.db", "submitted", "autograded", "feedback", "exchange", "release", "hub",
+                 ".ipynb_checkpoints", "__pycache__", "*.pyc", "grades.csv", ".nbgrader.log")
+# the course id every server uses (students' and the instructor's), from the system-wide config
+COURSE_ID = PyFileConfigLoader("nbgrader_config.py", path=str(HERE)).load_config().CourseDirectory.course_id
 
 
 def run(cmd, **kwargs):
@@ -137,12 +146,42 @@ def setup_env(root: Path, env: Path) -> Path:
 def make_layout(root: Path):
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
-    for name, mode in (("shared", 0o755), ("exchange", 0o777), ("etc/jupyter", 0o755),
+    # exchange/ is writable by all (students submit through it) and sticky: in it, only a
+    # folder's owner can rename or delete that folder (see secure_exchange).
+    for name, mode in (("shared", 0o755), ("exchange", 0o1777), ("etc/jupyter", 0o755),
                        ("hub", 0o700)):
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name).chmod(mode)
     shutil.copyfile(HERE / "nbgrader_config.py", root / "etc" / "jupyter" / "nbgrader_config.py")
     (root / "etc" / "jupyter" / "nbgrader_config.py").chmod(0o644)
+
+
+def secure_exchange(exchange: Path, instructor: str):
+    """Make the course's folder in the exchange now, owned by the instructor, so that no student
+    can make it first, or (the exchange being sticky) rename it and put their own in its place:
+    everyone fetches what is in there. nbgrader releases only into a course folder its user owns."""
+    user = pwd.getpwnam(instructor)
+    course = exchange / COURSE_ID
+    try:
+        course.mkdir(mode=0o755)
+    except FileExistsError:
+        pass
+    info = os.lstat(course)  # never through a link: a student may have left one here
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, user.pw_uid):
+        kind = "a link" if stat.S_ISLNK(info.st_mode) else "not a folder" \
+            if not stat.S_ISDIR(info.st_mode) else f"owned by {owner_name(info.st_uid)}"
+        raise SystemExit(f"{course} is {kind}, not the instructor's ({instructor}): someone else made "
+                         "it, perhaps to hand out their own notebooks. Move it out of the exchange, "
+                         "look at what it holds, then run this again.")
+    os.chown(course, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    os.chmod(course, 0o755)  # a real folder (checked above) that only root or its owner controls
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def add_user(name: str):
@@ -156,22 +195,47 @@ def add_user(name: str):
     return home
 
 
+def as_owner(name: str, cmd: list, data: bytes, what: str):
+    """Run `cmd` in `name`'s home as `name`, with `data` on its input. Root never writes into a
+    home itself: the home's owner could have replaced a folder there with a link to, say,
+    /etc, and root would write (and chown) through it. As the owner, a link leads only where
+    they could write anyway."""
+    user = pwd.getpwnam(name)
+    result = subprocess.run(cmd, input=data, capture_output=True, cwd=user.pw_dir,
+                            user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                            env={"HOME": user.pw_dir, "USER": name, "PATH": "/usr/bin:/bin"})
+    if result.returncode != 0:
+        raise SystemExit(f"could not {what} as {name}: {result.stderr.decode().strip()}")
+
+
+def course_archive(source: Path, folders) -> bytes:
+    """A tar of source/<folder> for each folder, under deepseek-mini/, without nbgrader state."""
+    def keep(member):
+        ignored = any(fnmatch.fnmatch(Path(member.name).name, p) for p in COURSE_IGNORE)
+        return None if ignored or not (member.isfile() or member.isdir()) else member
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for folder in folders:
+            tar.add(source / folder, arcname=f"deepseek-mini/{folder}", filter=keep)
+    return buffer.getvalue()
+
+
 def install_course(instructor: str, home: Path, source: Path):
-    """Copy the course into ~instructor/deepseek-mini and point nbgrader at it."""
-    user = pwd.getpwnam(instructor)
+    """Copy the course into ~instructor/deepseek-mini and point nbgrader at it, as the instructor."""
     course = home / "deepseek-mini"
-    for folder in COURSE_FOLDERS:
-        if (source / folder).is_dir() and not (course / folder).exists():
-            shutil.copytree(source / folder, course / folder, ignore=COURSE_IGNORE)
+    missing = [folder for folder in COURSE_FOLDERS
+               if (source / folder).is_dir() and not os.path.lexists(course / folder)]
+    if missing:
+        as_owner(instructor, ["tar", "-x", "-f", "-", "--no-same-owner"],
+                 course_archive(source, missing), f"copy the course into {course}")
     # Formgrader runs in the instructor's server, started in their home: this user config
     # makes every nbgrader there use the course's own config.
-    config = home / ".jupyter" / "nbgrader_config.py"
-    config.parent.mkdir(exist_ok=True)
-    config.write_text(
+    config = (
         "# Written by deepseek-mini's setup_workshop.py: grade the course in ~/deepseek-mini\n"
         f"load_subconfig({str(course / 'course' / 'nbgrader_config.py')!r})\n")
-    for path in [course, config.parent, *course.rglob("*"), *config.parent.rglob("*")]:
-        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    as_owner(instructor, ["sh", "-c", "mkdir -p .jupyter && cat > .jupyter/nbgrader_config.py"],
+             config.encode(), f"write {home / '.jupyter' / 'nbgrader_config.py'}")
 
 
 def prebuild_shared(root: Path, python: Path, mnist_idx, models_from, model: bool):
@@ -243,6 +307,7 @@ def main(argv=None):
         install_course(name, add_user(name), args.course_source.resolve())
     for name in students:
         add_user(name)
+    secure_exchange(root / "exchange", args.instructor[0])
     roster = [f"{name} instructor" for name in args.instructor]
     roster += [f"{name} student" for name in students]
     (root / "users.txt").write_text("\n".join(roster) + "\n")
