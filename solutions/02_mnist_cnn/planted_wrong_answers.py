@@ -65,6 +65,16 @@ class CNN(nn.Module):
     def forward(self, x):
         return self.fc2(self.embed(self.conv_maps(x)))
 """ + _CNN_MAPS + _CNN_EMBED,
+        "dropout as a bare 0/1 mask: the kept features are not scaled by 1/(1-p)": _CNN_INIT + _CNN_MAPS + """
+    def embed(self, maps):
+        h = F.relu(self.fc1(F.max_pool2d(maps, 2).flatten(1)))
+        return h * (torch.rand_like(h) > 0.25) if self.training else h
+""",
+        "dropout on the wrong tensor (fc1's input, not its output)": _CNN_INIT + _CNN_MAPS + """
+    def embed(self, maps):
+        flat = F.max_pool2d(maps, 2).flatten(1)
+        return F.relu(self.fc1(F.dropout(flat, 0.25, self.training)))
+""",
     },
     "train_step": {
         "no autocast: the forward pass runs in float32": """
@@ -145,6 +155,18 @@ def train_step(model, optimizer, x, y):
     cam = F.interpolate(cam, size=x.shape[-2:], mode="nearest")[:, 0]
     return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)).detach()
 """,
+        "no clamp on the maximum: an all-zero heatmap becomes nan": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True)).detach()
+""",
+        "returns the heatmaps without detaching them": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+""",
     },
     "pca": {
         "does not centre the data": """
@@ -163,6 +185,12 @@ def pca(x, k):
     centred = x - x.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     return x @ vh[:k].T, vh[:k]
+""",
+        "centres with the mean of the whole matrix, not of each column": """
+def pca(x, k):
+    centred = x - x.mean()
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ vh[:k].T, vh[:k]
 """,
     },
     "fgsm": {
@@ -183,6 +211,18 @@ def fgsm(model, x, y, eps):
     x = x.detach().clone().requires_grad_(True)
     grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return (x + eps * grad).clamp(0, 1).detach()
+""",
+        "returns x_adv still attached to the graph": """
+def fgsm(model, x, y, eps):
+    x = x.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).clamp(0, 1)
+""",
+        "loss.backward() leaves gradients in the model's parameters": """
+def fgsm(model, x, y, eps):
+    x = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    return (x + eps * x.grad.sign()).clamp(0, 1).detach()
 """,
     },
 }
