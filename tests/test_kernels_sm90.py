@@ -78,6 +78,18 @@ def _rope_rows(seq, block_half):
     return rows_per_program(seq, block_half)
 
 
+def _mla_decode(heads, c=512, r=64):
+    """DeepSeek-V3's latent cache (C=512, R=64) as mla_decode launches the split kernel."""
+    from deepseek_mini.kernels.mla_decode import launch_config
+
+    block_h, block_n, warps = launch_config(heads, interpreting=False)
+    return {"id": f"mla decode {heads} heads", "kernel": "deepseek_mini.kernels.mla_decode:_mla_decode_split_kernel",
+            "num_warps": warps, "num_stages": 2, "floats": ["scale"],
+            "types": {"lens_ptr": "*i32", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"},
+            "constexprs": {"HAS_LENS": True, "UPCAST": False, "BLOCK_H": block_h, "BLOCK_N": block_n,
+                           "BLOCK_C": c, "BLOCK_R": r}}
+
+
 def _autotuned(spec_id, kernel, types, constexprs, floats=()):
     """An autotuned kernel at its first GPU config."""
     return {"id": spec_id, "kernel": kernel, "config": 0, "types": types, "constexprs": constexprs, "floats": floats}
@@ -94,6 +106,7 @@ SPECS = [
        "types": {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, "floats": ["sin_sign"],
        "constexprs": {"INTERLEAVED": layout == "pairs", "BLOCK_S": _rope_rows(4096, half), "BLOCK_HALF": half}}
       for layout, half in (("pairs", 32), ("halves", 64))],
+    _mla_decode(16), _mla_decode(128),
     _autotuned("moe gemm swiglu", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
                {"A_ROW_DIV": 6, "HAS_SCALE": False, "SWIGLU": True, "SAVE": True, "UPCAST": False, "BLOCK_M": 64}),
     _autotuned("moe gemm scaled", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,

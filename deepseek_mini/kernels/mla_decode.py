@@ -108,13 +108,25 @@ def _mla_decode_combine_kernel(o_part_ptr, lse_part_ptr, out_ptr, H, C, n_splits
     tl.store(out_ptr + (b * H + h) * C + offs_c, out.to(out_ptr.dtype.element_ty), mask=offs_c < C)
 
 
-def _default_splits(batch, head_blocks, T, device):
-    """Enough programs to fill the GPU (about 2 per SM), but no split under 256 tokens."""
-    if device.type != "cuda":
+def _default_splits(batch, head_blocks, T, sms):
+    """Enough programs for about 4 per SM (`sms`: the GPU's SM count, None in the interpreter),
+    but no split under 256 tokens. One program per SM is resident at a time (registers and the
+    double-buffered cache tiles), so several per SM also shrink the last, partly empty wave;
+    the first record's 2 per SM left batch 32-64 at 21-40% of HBM bandwidth."""
+    if sms is None:
         return min(3, triton.cdiv(T, 16))  # the interpreter: few, but more than one
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, batch * head_blocks)
+    want = triton.cdiv(4 * sms, batch * head_blocks)
     return max(1, min(want, triton.cdiv(T, 256)))
+
+
+def launch_config(H, interpreting):
+    """(BLOCK_H, BLOCK_N, num_warps): heads per program, cached tokens per step, warps.
+    tl.dot needs >= 16 rows; at 16 heads 8 warps keep the [16, C] accumulator and the [BLOCK_N, C]
+    latent tile in registers (4 warps spilled on sm_90, tests/test_kernels_sm90.py); 32 heads x
+    C=512 in float32 is the most that fits."""
+    if interpreting:
+        return 16, 16, 4
+    return (16 if H <= 16 else 32), 32, 8
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
@@ -154,12 +166,12 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Te
             raise ValueError(f"{OP}: cache_seqlens must lie in [1, {T}] (the cache length), got min {lo}, max {hi}")
 
     interpreting = device.type == "cpu"
-    block_h = 16 if H <= 16 or interpreting else 32  # tl.dot needs >= 16 rows; 32 x C fp32 fits in registers
+    block_h, block_n, num_warps = launch_config(H, interpreting)
     head_blocks = triton.cdiv(H, block_h)
-    n_splits = num_splits or _default_splits(B, head_blocks, T, device)
+    sms = None if interpreting else torch.cuda.get_device_properties(device).multi_processor_count
+    n_splits = num_splits or _default_splits(B, head_blocks, T, sms)
     if n_splits < 1:
         raise ValueError(f"{OP}: num_splits must be >= 1, got {num_splits}")
-    block_n = 16 if interpreting else 32
     chunk = triton.cdiv(triton.cdiv(T, n_splits), block_n) * block_n
 
     out = torch.empty(B, H, C, dtype=q_latent.dtype, device=device)
@@ -174,7 +186,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Te
         H, T, C, R, chunk, n_splits, float(scale),
         HAS_LENS=cache_seqlens is not None, UPCAST=interpreting and q_latent.dtype == torch.bfloat16,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        num_warps=4 if block_h == 16 else 8, num_stages=2)
+        num_warps=num_warps, num_stages=2)
     _mla_decode_combine_kernel[(H, B)](o_part, lse_part, out, H, C, n_splits,
                                        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_C=block_c)
     return out
