@@ -68,7 +68,7 @@ def _check_compute(rows, problems):
     rows.append(("ops run as", backend.describe()))
 
 
-def _check_data(rows, online: bool):
+def _check_data(rows, problems, online: bool):
     data = paths.data_dir()
     idx = data / "mnist"
     has_idx = idx.is_dir() and any(idx.glob("*idx3-ubyte*"))
@@ -81,9 +81,32 @@ def _check_data(rows, online: bool):
         rows.append(("Hugging Face hub", "not checked (add --online to check)"))
     stdlib = os.path.dirname(os.__file__)
     rows.append(("text corpus", f"Python standard library at {stdlib}"))
-    tiny = paths.models_dir() / "tiny"
-    rows.append(("tiny model cache", f"{tiny} ({'built' if tiny.exists() else 'not built yet: first use builds it'})"))
-    rows.append(("DEEPSEEK_MINI_HOME", os.environ.get("DEEPSEEK_MINI_HOME", f"unset (using {paths.home()})")))
+    _check_home(rows, problems)
+
+
+def _check_home(rows, problems):
+    """Where the tiny model is cached, whether it is built, and whether a first use could build it."""
+    home, explicit = paths.home(), os.environ.get("DEEPSEEK_MINI_HOME")
+    rows.append(("DEEPSEEK_MINI_HOME", explicit or f"unset (using {home})"))
+    if explicit and not home.is_dir():
+        # a workshop's shared folder that is not there: every student would try to build the model
+        problems.append(f"DEEPSEEK_MINI_HOME={explicit} is not an existing folder; fix the path, create it, "
+                        "or unset it to use ~/.cache/deepseek_mini")
+    try:
+        from deepseek_mini.pretrained import built_models
+    except ImportError:  # torch missing: reported above
+        return
+    built = built_models("tiny") if home.is_dir() else []
+    if built:  # a folder per recipe and corpus (tiny-<hash>); the newest is the one in use
+        newest = max(built, key=lambda f: f.stat().st_mtime)
+        rows.append(("tiny model cache", f"{newest} (built)"))
+        return
+    rows.append(("tiny model cache", f"{paths.models_dir()} (not built yet: first use builds it)"))
+    existing = next((p for p in (paths.models_dir(), *paths.models_dir().parents) if p.exists()), None)
+    if home.is_dir() and existing is not None and not os.access(existing, os.W_OK):
+        problems.append(f"the tiny model is not built and {existing} is not writable, so first use cannot "
+                        "build it; build it once as the folder's owner (python -c \"import deepseek_mini; "
+                        "deepseek_mini.pretrained('tiny')\") or point DEEPSEEK_MINI_HOME at a writable folder")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -109,7 +132,7 @@ def report(online: bool = False):
     _check_packages(rows, problems)
     if _version("torch") is not None:
         _check_compute(rows, problems)
-    _check_data(rows, online)
+    _check_data(rows, problems, online)
     return rows, problems
 
 

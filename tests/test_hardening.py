@@ -408,3 +408,29 @@ def test_a_damaged_cache_entry_is_rebuilt(tiny_home, damage):
     assert again.path == first.path and _same(_weights(again.model), weights), "the build is deterministic"
     assert pretrained("tiny", **tiny_home).path == first.path  # and the repaired entry loads from now on
     assert [p.name for p in first.path.parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. doctor
+# ----------------------------------------------------------------------------------------------
+
+def test_doctor_finds_the_built_tiny_model(tiny_home, capsys):
+    from deepseek_mini import doctor, paths
+    from deepseek_mini.pretrained import pretrained
+
+    rows, problems = doctor.report()
+    assert dict(rows)["tiny model cache"].endswith("(not built yet: first use builds it)") and not problems
+    built = pretrained("tiny", **tiny_home).path
+    assert built.name.startswith("tiny-") and built.parent == paths.models_dir()
+    rows, problems = doctor.report()
+    assert dict(rows)["tiny model cache"] == f"{built} (built)" and not problems
+
+
+def test_doctor_reports_a_missing_deepseek_mini_home(tmp_path, monkeypatch, capsys):
+    from deepseek_mini import doctor
+
+    monkeypatch.setenv("DEEPSEEK_MINI_HOME", str(tmp_path / "nonexistent"))
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out
+    assert f"DEEPSEEK_MINI_HOME={tmp_path / 'nonexistent'} is not an existing folder" in out
+    assert "All set" not in out
