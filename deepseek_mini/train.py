@@ -16,7 +16,12 @@ trainable adapters) uses the very same trainer as full fine-tuning.
 Batches come from `train_batches(i)`, a function of the micro-batch index (e.g.
 `corpus.TokenBatches`), or a list of batches, or any iterable. A checkpoint (safetensors weights
 + optimizer moments, JSON for step, schedule, RNG state and history) resumes to exactly the
-losses an uninterrupted run would have had.
+losses an uninterrupted run would have had. It is a folder published in one rename, so a crash
+mid-save never leaves a mix of two steps; `latest_checkpoint(dir)` finds the newest complete one,
+and `load_checkpoint` checks everything (including that the training settings are the saved
+ones) before it changes the model:
+
+    trainer.load_checkpoint(latest_checkpoint(config.checkpoint_dir)).fit()
 
 The loss: `loss_fn(model, batch)` if you give one. Otherwise the model is called with the batch
 (a dict as keyword arguments, a tuple as positional ones); if its output carries a loss
