@@ -42,6 +42,28 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
+def bench_graph_ms(fn, rep: int = 100):
+    """Median time in ms of fn() replayed from a CUDA graph: the GPU work alone, without Python
+    and launch overhead (what a decode server that captures its step in a graph pays). Decode-
+    sized kernels run for microseconds, so `bench_ms` may be timing the host instead; the two
+    side by side say which one limits. None (and a note on stderr) if fn cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (compile, allocate) outside the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_ms(graph.replay, rep=rep)
+    except Exception as exc:  # report, keep the rest of the table
+        print(f"CUDA graph capture failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
 def bench_fwd_bwd(fn, inputs, grad_out=None):
     """(forward ms, backward ms) of y = fn(*inputs): the backward is timed alone, replaying
     y.backward on a graph built once, with the input grads reset between runs."""
