@@ -106,6 +106,12 @@ def padding_mask(lengths, seq_len):
     positions = torch.arange(seq_len, device=lengths.device)
     return positions[None, :] < lengths[:, None]
 """,
+        "padding mask as long as the longest sequence, not seq_len": _CAUSAL_RIGHT + """
+
+def padding_mask(lengths, seq_len):
+    positions = torch.arange(int(lengths.max()), device=lengths.device)
+    return (positions[None, :] < lengths[:, None])[:, None, None, :]
+""",
     },
     "heads": {
         "split with a direct view to [B, H, S, d] (no transpose)": """
@@ -132,6 +138,19 @@ def split_heads(x, n_heads):
 def split_heads(x, n_heads):
     B, S, D = x.shape
     return x.reshape(B, S, n_heads, -1).transpose(1, 2)
+""" + _MERGE_RIGHT,
+        "validates with assert (AssertionError), not ValueError": """
+def split_heads(x, n_heads):
+    batch, seq, width = x.shape
+    assert width % n_heads == 0, "D must be divisible by n_heads"
+    return x.reshape(batch, seq, n_heads, width // n_heads).transpose(1, 2)
+""" + _MERGE_RIGHT,
+        "validation that raises only when S is not divisible either (by accident)": """
+def split_heads(x, n_heads):
+    batch, seq, width = x.shape
+    if seq % n_heads and width % n_heads:
+        raise ValueError(f"cannot split {width} features into {n_heads} heads")
+    return x.reshape(batch, seq, n_heads, width // n_heads).transpose(1, 2)
 """ + _MERGE_RIGHT,
     },
     "rope": {
