@@ -2,6 +2,11 @@
 
     python benchmarks/run_all.py            # all scripts
     python benchmarks/run_all.py norms moe  # only scripts whose name contains one of the words
+    python benchmarks/run_all.py --with-tests --script-timeout 120   # what gpu_session.sh runs
+
+--with-tests first runs `pytest -m gpu tests/test_kernels_*.py` and puts its summary in the
+record; --script-timeout stops a script that runs longer (the record says so) so that one slow
+script cannot use up a GPU session's time.
 
 Measures the machine peak once (HBM copy bandwidth, bf16 matmul TFLOP/s), passes it to each
 script, prints each script's markdown tables as they come, and writes them all to
@@ -30,7 +35,38 @@ def scripts(words):
     return found
 
 
+def _text(partial):
+    """Output a TimeoutExpired caught: bytes (even with text=True), str or None."""
+    if isinstance(partial, bytes):
+        return partial.decode(errors="replace")
+    return partial or ""
+
+
+def gpu_tests(timeout):
+    """Run the GPU kernel tests; return the markdown section for the record."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           *sorted(str(p.relative_to(HERE.parent)) for p in (HERE.parent / "tests").glob("test_kernels_*.py"))]
+    print("== pytest -m gpu", flush=True)
+    try:
+        run = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+        out, status = run.stdout + run.stderr, f"exit {run.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        out, status = _text(exc.stdout), f"stopped after {timeout:.0f} s"
+    print(out[-3000:], flush=True)
+    lines = out.strip().splitlines()
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    summary = lines[-1] if lines else "(no output)"
+    body = "\n".join(failures[:30]) or "(no failures)"
+    return f"## GPU tests\n\n`pytest -m gpu tests/test_kernels_*.py`: {summary} ({status})\n\n```\n{body}\n```\n"
+
+
 def main(argv):
+    with_tests = "--with-tests" in argv
+    timeout = None
+    if "--script-timeout" in argv:
+        timeout = float(argv[argv.index("--script-timeout") + 1])
+        argv = [a for i, a in enumerate(argv) if a != "--script-timeout" and argv[i - 1:i] != ["--script-timeout"]]
+    argv = [a for a in argv if a != "--with-tests"]
     todo = scripts(argv)
     if not todo:
         sys.exit(f"run_all.py: no benchmarks/bench_*.py script matches {argv}")
@@ -48,20 +84,30 @@ def main(argv):
              f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}. "
              f"Measured peak: {peaks['bandwidth_gbps']:.0f} GB/s copy bandwidth, "
              f"{peaks['bf16_tflops']:.0f} TFLOP/s bf16 matmul.\n",
-             f"Command: `python benchmarks/run_all.py {' '.join(argv)}`.\n"]
+             f"Command: `python benchmarks/run_all.py {' '.join(sys.argv[1:])}`.\n"]
+    if with_tests:
+        parts.append(gpu_tests(timeout=3 * timeout if timeout else None))
+        out_path.write_text("\n".join(parts))  # keep what we have if the session ends early
     failed = []
     for script in todo:
         print(f"== {script.name}", flush=True)
         start = time.time()
-        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=os.environ.copy())
-        print(run.stdout, end="", flush=True)
-        parts.append(f"## {script.name} ({time.time() - start:.0f} s)\n\n{run.stdout.strip()}\n")
-        if run.returncode != 0:
+        try:
+            run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                 env=os.environ.copy(), timeout=timeout)
+            stdout, stderr, code = run.stdout, run.stderr, run.returncode
+        except subprocess.TimeoutExpired as exc:
+            stdout = _text(exc.stdout)
+            stderr = f"stopped by --script-timeout after {timeout:.0f} s; the tables above are what it printed"
+            code = "timeout"
+        print(stdout, end="", flush=True)
+        parts.append(f"## {script.name} ({time.time() - start:.0f} s)\n\n{stdout.strip()}\n")
+        if code != 0:
             failed.append(script.name)
-            tail = "\n".join(run.stderr.strip().splitlines()[-15:])
+            tail = "\n".join(stderr.strip().splitlines()[-15:])
             print(tail, file=sys.stderr)
-            parts.append(f"**{script.name} failed (exit {run.returncode}):**\n\n```\n{tail}\n```\n")
-    out_path.write_text("\n".join(parts))
+            parts.append(f"**{script.name} failed ({code if code == 'timeout' else f'exit {code}'}):**\n\n```\n{tail}\n```\n")
+        out_path.write_text("\n".join(parts))
     print(f"\nwrote {out_path.relative_to(HERE.parent)}")
     if failed:
         sys.exit(f"run_all.py: {len(failed)} script(s) failed: {', '.join(failed)}")
