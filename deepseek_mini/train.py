@@ -500,10 +500,12 @@ _TMP_TAG = ".partial-"
 _CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
 
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path, tensors: bool = True) -> dict:
     """Read and check a checkpoint folder without changing anything: {"state": the parsed
     trainer_state.json, "model": weights, "optimizer": optimizer tensors}. Raises
-    FileNotFoundError or ValueError naming the file that is missing or damaged."""
+    FileNotFoundError or ValueError naming the file that is missing or damaged. With
+    tensors=False only the safetensors headers are read (cheap; they reveal a truncated file)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -522,13 +524,17 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"load_checkpoint: {path / 'trainer_state.json'} is not a valid trainer state ({e})") from None
     if wrong:
         raise ValueError(f"load_checkpoint: {path / 'trainer_state.json'} lacks or has wrong field(s) {wrong}")
-    tensors = {}
-    for name in ("model.safetensors", "optimizer.safetensors"):
+    out = {"state": state}
+    for name, key in (("model.safetensors", "model"), ("optimizer.safetensors", "optimizer")):
         try:
-            tensors[name] = load_file(str(path / name))
+            if tensors:
+                out[key] = load_file(str(path / name))
+            else:
+                with safe_open(str(path / name), "pt"):
+                    pass
         except Exception as e:  # safetensors' error does not name the file
             raise ValueError(f"load_checkpoint: cannot read {path / name} (truncated or damaged?): {e}") from None
-    return {"state": state, "model": tensors["model.safetensors"], "optimizer": tensors["optimizer.safetensors"]}
+    return out
 
 
 def latest_checkpoint(directory) -> Path | None:
@@ -543,7 +549,7 @@ def latest_checkpoint(directory) -> Path | None:
         if folder.name.startswith(".") or not folder.is_dir():
             continue
         try:
-            step = read_checkpoint(folder)["state"]["step"]
+            step = read_checkpoint(folder, tensors=False)["state"]["step"]
         except (OSError, ValueError):
             continue
         if step > best_step:
