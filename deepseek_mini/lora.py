@@ -162,7 +162,7 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
             layer.weight_is_shared = isinstance(m.weight, nn.Parameter) and uses[id(m.weight)] > 1
             _set_module(model, name, layer)
     except BaseException:
-        _remove_adapters(model, before)  # e.g. a bad r: the model is as it was
+        _remove_adapters(model, [name for name, _ in matches], before)  # e.g. a bad r: the model is as it was
         raise
     return model
 
@@ -171,10 +171,11 @@ def _requires_grad(model: nn.Module) -> dict:
     return {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _remove_adapters(model: nn.Module, requires_grad: dict) -> None:
-    """Undo inject_lora: put the base layers back and the requires_grad flags as they were."""
+def _remove_adapters(model: nn.Module, names, requires_grad: dict) -> None:
+    """Undo inject_lora on `names`: put their base layers back and every requires_grad flag as it was."""
     for name, layer in lora_layers(model).items():
-        _set_module(model, name, layer.base)
+        if name in names:
+            _set_module(model, name, layer.base)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(requires_grad.get(name, p.requires_grad))
 
@@ -285,7 +286,7 @@ def load_lora(model: nn.Module, path) -> nn.Module:
         _copy_adapter_weights(lora_layers(model), weights, config)
     except BaseException:
         if inject:
-            _remove_adapters(model, before)
+            _remove_adapters(model, sorted(weights), before)
         raise
     return model
 

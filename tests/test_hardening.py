@@ -434,3 +434,14 @@ def test_doctor_reports_a_missing_deepseek_mini_home(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert f"DEEPSEEK_MINI_HOME={tmp_path / 'nonexistent'} is not an existing folder" in out
     assert "All set" not in out
+
+
+def test_a_failed_injection_keeps_the_adapters_already_there():
+    from deepseek_mini.lora import inject_lora
+
+    model = small_model()
+    inject_lora(model, ["o_proj"], r=4, alpha=8)
+    before = _lora_state(model)
+    with pytest.raises(ValueError, match="r \\(the rank\\) must be a positive integer"):
+        inject_lora(model, ["q_b_proj"], r=0)
+    assert _lora_state(model) == before
