@@ -75,6 +75,18 @@ def perplexity(model, batches):
     dev = next(model.parameters()).device
 """
 
+# the token-weighted sum, right (for the mistakes that lie elsewhere)
+_PPL_SUM = """
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch["input_ids"].to(dev))
+            targets = batch["labels"].to(dev)[:, 1:]
+            nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100, reduction="sum").item()
+            n += int((targets != -100).sum())
+"""
+
 _FLOPS = """
 def forward_flops(model, batch_size, seq_len):
     tokens = batch_size * seq_len
@@ -137,8 +149,24 @@ WRONG_ANSWERS = {
         h = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
 """),
+        "multi-layer cache: layer_idx not passed, every block caches under layer 0": _block("""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache=cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+"""),
     },
     "perplexity": {
+        "mode restore: always switches back to train mode (model.train() at the end)": """
+def perplexity(model, batches):
+    model.eval()
+    dev = next(model.parameters()).device""" + _PPL_SUM + """
+    model.train()
+    return math.exp(nll / n)
+""",
+        "never calls model.eval(): dropout stays on while measuring": """
+def perplexity(model, batches):
+    dev = next(model.parameters()).device""" + _PPL_SUM + """
+    return math.exp(nll / n)
+""",
         "batch-weighted: the mean of per-batch mean losses": _PPL_HEAD + """
     losses = []
     with torch.no_grad():
@@ -206,6 +234,8 @@ def perplexity(model, batches):
         "causal half of the attention scores only": _flops(
             ATTENTION="batch_size * module.n_heads * seq_len * (seq_len + 1) * (module.qk_head_dim + module.v_head_dim)"),
         "forgets the gate": _flops(GATE="0"),
+        "value size read from qk_nope_head_dim (equal in the default config)": _flops(
+            ATTENTION="2 * batch_size * module.n_heads * seq_len * seq_len * (module.qk_head_dim + module.qk_nope_head_dim)"),
         "counts the embedding look-up as a matmul": _flops(EMBEDDING="2 * tokens * module.num_embeddings * module.embedding_dim"),
     },
 }
