@@ -355,7 +355,7 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     wrong = [f"{k}: {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in expected.items()
              if state[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"load_pretrained: tensor shape(s) do not match config.json: {wrong[:5]}")
+        raise ValueError(f"load_pretrained: tensor shape(s) in {path} do not match config.json: {wrong[:5]}")
     model.load_state_dict(state, strict=not config.tie_word_embeddings)
     return model.to(device=device, dtype=dtype).eval()
 
