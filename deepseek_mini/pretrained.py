@@ -111,7 +111,10 @@ def pretrained(name: str = "tiny", *, rebuild: bool = False, progress: bool = Tr
         except DamagedCacheError as e:
             if progress:
                 print(f"pretrained: {e}; building it again")
-            damaged = folder.stat().st_ino
+            try:
+                damaged = folder.stat().st_ino
+            except FileNotFoundError:  # another process is replacing it right now
+                damaged = -1
     with _build_lock(folder):
         # another process may have built or repaired it meanwhile (a repair is a new folder)
         repaired = damaged is not None and folder.exists() and folder.stat().st_ino != damaged
