@@ -14,7 +14,8 @@ served, and no client can hold a thread for long:
        `max_new_tokens` is not an integer in [0, max_new_tokens], the prompt plus the new tokens
        do not fit in the model's context, or the Content-Length header is not a number
   404  a path other than /generate        411  no Content-Length (the body length must be known)
-  408  the body did not arrive within read_timeout_s (a client that announces more than it sends)
+  408  the whole body did not arrive within read_timeout_s (a client that announces more than it
+       sends, or sends it a byte at a time)
   413  the body is larger than max_body_bytes (refused before reading it)
   500  generation failed                  503  no answer from the model within answer_timeout_s
 """
@@ -100,14 +101,20 @@ class BatchingServer:
                 if int(length) > max_body_bytes:
                     self.close_connection = True  # the unread body must not be parsed as a next request
                     raise RequestError(413, f"the body is {int(length)} bytes; the limit is {max_body_bytes}")
+                body, deadline = b"", time.monotonic() + read_timeout_s  # for the whole body, not per packet
                 try:
-                    body = self.rfile.read(int(length))
+                    while len(body) < int(length) and time.monotonic() < deadline:
+                        self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                        chunk = self.rfile.read1(int(length) - len(body))
+                        if not chunk:  # the client closed its side
+                            break
+                        body += chunk
                 except TimeoutError:
-                    body = None
-                if body is None or len(body) < int(length):
+                    pass
+                if len(body) < int(length):
                     self.close_connection = True
                     raise RequestError(408, f"the body did not arrive: Content-Length says {int(length)} bytes, "
-                                            f"{read_timeout_s:g} s passed (or the client closed the connection)")
+                                            f"{len(body)} came within {read_timeout_s:g} s")
                 return body
 
             def _reply(self, status, payload):

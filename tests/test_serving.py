@@ -7,6 +7,7 @@ prompts longer than the model's context. A handful of requests per test, each wi
 
 import http.client
 import json
+import select
 import time
 from urllib.parse import urlparse
 
@@ -121,6 +122,28 @@ def test_a_body_shorter_than_announced_frees_its_thread(server):
     status, answer = send(server.url, b'{"prompt"', {"Content-Length": "1000"}, timeout=10 * READ_TIMEOUT + 10)
     assert status == 408 and "1000 bytes" in answer["error"], answer
     assert time.monotonic() - start < 10 * READ_TIMEOUT + 5, "the server held the connection past its read timeout"
+
+
+def test_a_body_sent_a_byte_at_a_time_cannot_hold_a_thread(server):
+    """The read timeout covers the whole body: a valid body trickled in at one byte per half
+    timeout (each byte in time, the whole far too slow) is cut off with a 408."""
+    body = b'{"prompt": "def"}'
+    parts = urlparse(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10 * READ_TIMEOUT + 10)
+    try:
+        conn.putrequest("POST", parts.path)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        start = time.monotonic()
+        for byte in body:
+            conn.send(bytes([byte]))
+            if select.select([conn.sock], [], [], READ_TIMEOUT / 2)[0]:  # the server answered: stop sending
+                break
+        response = conn.getresponse()
+        assert response.status == 408, (response.status, response.read())
+        assert time.monotonic() - start < len(body) * READ_TIMEOUT / 2 - 1, "the server waited for the whole trickle"
+    finally:
+        conn.close()
 
 
 def test_other_paths_get_404(server):
