@@ -175,6 +175,10 @@ def swiglu_mlp(x, gate_proj, up_proj, down_proj):
 def swiglu_mlp(x, gate_proj, up_proj, down_proj):
     return down_proj(torch.sigmoid(gate_proj(x)) * up_proj(x))
 """,
+        "ignores the eps argument (a fixed 1e-6, the default)": """
+def rms_norm(x, weight, eps=1e-6):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+""" + _MLP,
     },
     "schedule_and_clipping": {
         "warmup starts at 0 (step / warmup)": """
@@ -209,6 +213,13 @@ def clip_gradients(params, max_norm):
         g.mul_(max_norm / norm)
     return norm
 """,
+        "floor division in the warmup: (step + 1) // warmup_steps": """
+def learning_rate(step, max_steps, warmup_steps, lr, min_lr):
+    if step < warmup_steps:
+        return lr * ((step + 1) // warmup_steps)
+    progress = min((step - warmup_steps) / max(1, max_steps - warmup_steps), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+""" + _CLIP,
     },
     "next_token_probs": {
         "multiplies by the temperature": _PROBS_HEAD + """
@@ -250,6 +261,28 @@ def clip_gradients(params, max_norm):
         drop = (p.cumsum(-1) - p) >= top_p
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 """ + _TOP_K + """
+    return scores.softmax(dim=-1)
+""",
+        "top-p boundary: keeps one token more when the mass reaches p exactly (> instead of >=)": _PROBS_HEAD + """
+    scores = logits / temperature
+    if top_k is not None:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None:
+        s, order = scores.sort(dim=-1, descending=True)
+        p = s.softmax(-1)
+        drop = (p.cumsum(-1) - p) > top_p
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores.softmax(dim=-1)
+""",
+        "top_k larger than the vocabulary: topk fails (no min(top_k, V))": _PROBS_HEAD + """
+    scores = logits / temperature
+""" + _TOP_K + """
+    if top_p is not None:
+        s, order = scores.sort(dim=-1, descending=True)
+        p = s.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return scores.softmax(dim=-1)
 """,
     },
