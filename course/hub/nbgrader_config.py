@@ -11,7 +11,8 @@ import os
 c = get_config()  # noqa: F821 (injected by traitlets when it loads this file)
 
 c.CourseDirectory.course_id = "deepseek-mini"
-# Set for every server by jupyterhub_config.py; mode 777 so every student can submit.
+# Set for every server by jupyterhub_config.py; mode 1777 (all submit, only owners rename), with
+# the course folder in it owned by the instructor (setup_workshop.py makes both).
 c.Exchange.root = os.environ.get("DEEPSEEK_MINI_EXCHANGE", "/srv/deepseek-mini/exchange")
 # Fetched assignments land in ~/deepseek-mini/<assignment>, away from the student's own files.
 c.Exchange.path_includes_course = True
