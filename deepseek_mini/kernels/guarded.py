@@ -25,6 +25,7 @@ checker sees that.
     # leaving the block raises AssertionError if any guard element changed
 """
 
+import itertools
 import math
 
 import torch
@@ -38,6 +39,7 @@ MIN_MARGIN = 1024
 _NAN_BITS = {torch.float64: (0x7FF8000000000000, 51), torch.float32: (0x7FC00000, 22),
              torch.float16: (0x7E00, 9), torch.bfloat16: (0x7FC0, 6)}
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_tags = itertools.count()  # one per buffer, across blocks: a tensor kept from an earlier block keeps its own NaN
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,7 @@ class GuardedBuffers:
         stride = row + row_gap
         margin = max(self.min_margin, n_rows * stride)
         buffer = fill_guard(self._empty(margin + n_rows * stride + margin, dtype=dtype, device=device),
-                            tag=len(self.tensors))
+                            tag=next(_tags))
         view = buffer[margin:margin + n_rows * stride].view(*shape[:-1], stride)[..., :row].view(shape) \
             if len(shape) else buffer[margin]
         inside = torch.zeros(buffer.shape, dtype=torch.bool, device=device)
