@@ -40,7 +40,8 @@ def _autograde_preprocessors():
     class ExecuteStoppingStuckCells(StopStuckCells, Execute):
         pass
 
-    return [ExecuteStoppingStuckCells if p is Execute else p for p in Autograde.class_traits()["autograde_preprocessors"].default()]
+    default = Autograde.class_traits()["autograde_preprocessors"].default()
+    return [ExecuteStoppingStuckCells if p is Execute else p for p in default]
 
 
 c.Autograde.autograde_preprocessors = _autograde_preprocessors()

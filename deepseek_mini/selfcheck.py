@@ -42,7 +42,8 @@ def _nbgrader(cell) -> dict:
 
 def _error(cell):
     """(ename, evalue) of an executed cell's error output (a timeout first), or None."""
-    errors = [(o.get("ename", "Error"), o.get("evalue", "")) for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [(o.get("ename", "Error"), o.get("evalue", ""))
+              for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     timeouts = [e for e in errors if e[0] == TIMEOUT_ERROR]
     return (timeouts or errors or [None])[0]
 

@@ -46,7 +46,7 @@ def parse_request(body: bytes, tokenizer, max_new_tokens: int, context_length: i
     except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested too deep
         raise RequestError(400, f"the body is not valid JSON: {err}") from None
     if not isinstance(request, dict):
-        raise RequestError(400, f"the body must be a JSON object like {{\"prompt\": \"...\"}}, got {type(request).__name__}")
+        raise RequestError(400, f'the body must be a JSON object like {{"prompt": "..."}}, got {type(request).__name__}')
     prompt, new = request.get("prompt"), request.get("max_new_tokens", min(16, max_new_tokens))
     if not isinstance(prompt, str) or not prompt:
         raise RequestError(400, "'prompt' must be a non-empty string")
