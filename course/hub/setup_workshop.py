@@ -1,6 +1,7 @@
-"""Prepare one machine for a deepseek-mini workshop on JupyterHub. Run as root, once:
+"""Prepare one machine for a deepseek-mini workshop on JupyterHub. Run as root, once, with the
+workshop environment's Python (it has the course packages):
 
-    python course/hub/setup_workshop.py --instructor alice --students bob,carol,dave
+    /opt/deepseek-mini-env/bin/python course/hub/setup_workshop.py --instructor alice --students bob,carol,dave
 
 It makes, under --root (default /srv/deepseek-mini, what jupyterhub_config.py reads):
     venv/                 a Python environment every user can run (see --env)
@@ -168,8 +169,12 @@ def secure_exchange(exchange: Path, instructor: str):
         pass
     info = os.lstat(course)  # never through a link: a student may have left one here
     if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, user.pw_uid):
-        kind = "a link" if stat.S_ISLNK(info.st_mode) else "not a folder" \
-            if not stat.S_ISDIR(info.st_mode) else f"owned by {owner_name(info.st_uid)}"
+        if stat.S_ISLNK(info.st_mode):
+            kind = "a link"
+        elif not stat.S_ISDIR(info.st_mode):
+            kind = "not a folder"
+        else:
+            kind = f"owned by {owner_name(info.st_uid)}"
         raise SystemExit(f"{course} is {kind}, not the instructor's ({instructor}): someone else made "
                          "it, perhaps to hand out their own notebooks. Move it out of the exchange, "
                          "look at what it holds, then run this again.")
