@@ -167,6 +167,12 @@ def train_step(model, optimizer, x, y):
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
 """,
+        "upsamples to (W, H): only square images hide the swap": _GRAD_CAM_HEAD + """
+    grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=(x.shape[-1], x.shape[-2]), mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)).detach()
+""",
     },
     "pca": {
         "does not centre the data": """

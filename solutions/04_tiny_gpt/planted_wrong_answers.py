@@ -179,6 +179,10 @@ def swiglu_mlp(x, gate_proj, up_proj, down_proj):
 def rms_norm(x, weight, eps=1e-6):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 """ + _MLP,
+        "one rms for the whole batch instead of one per vector": """
+def rms_norm(x, weight, eps=1e-6):
+    return x / torch.sqrt(x.pow(2).mean() + eps) * weight
+""" + _MLP,
     },
     "schedule_and_clipping": {
         "warmup starts at 0 (step / warmup)": """
@@ -278,6 +282,18 @@ def learning_rate(step, max_steps, warmup_steps, lr, min_lr):
         "top_k larger than the vocabulary: topk fails (no min(top_k, V))": _PROBS_HEAD + """
     scores = logits / temperature
 """ + _TOP_K + """
+    if top_p is not None:
+        s, order = scores.sort(dim=-1, descending=True)
+        p = s.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores.softmax(dim=-1)
+""",
+        "one top-k threshold for the whole batch (the lowest k-th best)": _PROBS_HEAD + """
+    scores = logits / temperature
+    if top_k is not None:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1].min()
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None:
         s, order = scores.sort(dim=-1, descending=True)
         p = s.softmax(-1)
