@@ -6,7 +6,6 @@ differ), fp32 and fp16, forward and backward, with NaN-poisoned outputs. The `gp
 the checks at model sizes and in bf16 when CUDA is present.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +73,9 @@ FLASH_CASES = {
     "window-after-cache": (1, 2, 2, 9, 40, 16, 16, True, 12),
     "full": (1, 2, 2, 19, 30, 16, 32, False, None),
     "decode": (1, 2, 1, 1, 50, 32, 32, True, None),
+    # q/k head dim 48 = 32 + 16 (head_blocks cuts it in two, like MLA's 192 = 128 + 64), v 32
+    "split-head-dim": (1, 2, 2, 21, 21, 48, 32, True, None),
+    "split-head-dim-gqa-cache": (1, 4, 2, 13, 30, 40, 16, True, 9),
 }
 
 
@@ -232,60 +234,6 @@ def test_absorbed_mla_decode_uses_the_kernel_and_matches_naive(monkeypatch):
             got = generate(absorb=True)
     assert calls == [(2, 11, 32), (2, 12, 32), (2, 13, 32)]  # one kernel call per decode step
     _assert_close(got, expected, 1e-5, "absorbed MLA decode")
-
-
-# The interpreter never compiles a kernel, so code that only a real compile rejects (types that
-# change inside a loop, dot shapes, shared memory) would first fail on a GPU. Triton can compile
-# for an H100 (sm_90) on a machine without one: do that for every kernel of this family, bf16.
-_COMPILE_FOR_H100 = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from deepseek_mini.kernels import flash_attention as fa, mla_decode as mla, rmsnorm, rope, swiglu
-
-def compile_sm90(kernel, pointers, constexprs, num_warps=4, num_stages=2):
-    names = kernel.arg_names
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-    for n in ("eps", "scale", "sin_sign"):
-        if n in signature:
-            signature[n] = "fp32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    assert compiled.metadata.shared <= 232448, f"{kernel.__name__} needs {compiled.metadata.shared} B of shared memory"
-
-def ptrs(names, dtype="*bf16", fp32=()):
-    out = {n: dtype for n in names.split()}
-    out.update({n: "*fp32" for n in fp32})
-    return out
-
-compile_sm90(rmsnorm._rmsnorm_fwd_kernel, ptrs("x_ptr w_ptr y_ptr", fp32=["rstd_ptr"]), dict(BLOCK=8192), 16)
-compile_sm90(rmsnorm._rmsnorm_bwd_kernel, ptrs("dy_ptr x_ptr w_ptr dx_ptr", fp32=["rstd_ptr", "dw_partial_ptr"]), dict(BLOCK=1024))
-compile_sm90(swiglu._swiglu_fwd_kernel, ptrs("gate_ptr up_ptr out_ptr"), dict(BLOCK=1024))
-compile_sm90(swiglu._swiglu_bwd_kernel, ptrs("dy_ptr gate_ptr up_ptr dgate_ptr dup_ptr"), dict(BLOCK=1024))
-for interleaved in (True, False):
-    compile_sm90(rope._rope_kernel, ptrs("x_ptr out_ptr", fp32=["cos_ptr", "sin_ptr"]),
-                 dict(INTERLEAVED=interleaved, BLOCK_S=32, BLOCK_HALF=64))
-attn = ptrs("q_ptr k_ptr v_ptr o_ptr do_ptr dq_ptr dk_ptr dv_ptr", fp32=["lse_ptr", "delta_ptr"])
-for kind, kernels in (("fwd", [fa._attn_fwd_kernel]), ("bwd", [fa._attn_bwd_dkdv_kernel, fa._attn_bwd_dq_kernel])):
-    cfg = fa._gpu_configs(128, kind)[0]
-    for kernel in kernels:
-        compile_sm90(kernel, attn, dict(CAUSAL=True, HAS_WINDOW=True, UPCAST=False, BLOCK_D=128, BLOCK_DV=128,
-                                        **cfg.kwargs), cfg.num_warps, cfg.num_stages)
-compile_sm90(fa._attn_bwd_delta_kernel, attn, dict(BLOCK_M=64, BLOCK_DV=128))
-compile_sm90(mla._mla_decode_split_kernel, ptrs("q_ptr qr_ptr kv_ptr kr_ptr", fp32=["o_part_ptr", "lse_part_ptr"]) | {"lens_ptr": "*i32"},
-             dict(HAS_LENS=True, UPCAST=False, BLOCK_H=32, BLOCK_N=32, BLOCK_C=512, BLOCK_R=64), 8)
-compile_sm90(mla._mla_decode_combine_kernel, ptrs("out_ptr", fp32=["o_part_ptr", "lse_part_ptr"]), dict(BLOCK_S=16, BLOCK_C=512))
-print("compiled for sm_90")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_h100_without_a_gpu():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DEEPSEEK_MINI_BACKEND")}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True,
-                         timeout=600, cwd=REPO, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "compiled for sm_90" in run.stdout
 
 
 @pytest.mark.parametrize("script", ["bench_attention.py", "bench_mla_decode.py", "run_all.py"])

@@ -90,6 +90,23 @@ def _mla_decode(heads, c=512, r=64):
                            "BLOCK_C": c, "BLOCK_R": r}}
 
 
+def _flash(kind, d, dv):
+    """A flash-attention kernel at one of its autotune candidates for these head dims: the first
+    forward one; for the backward the 64 x 32, 8-warp tile, the candidate meant to run without
+    spills at wide heads (the others spill on sm_90 at 192/128; the autotuner times them all)."""
+    from deepseek_mini.kernels import flash_attention as fa
+
+    blocks = fa.head_blocks(d, dv)
+    configs = fa._gpu_configs(blocks, "fwd" if kind == "fwd" else "bwd")
+    config = configs[0] if kind == "fwd" else next(
+        c for c in configs if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32} and c.num_warps == 8)
+    kernel = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}[kind]
+    return {"id": f"flash {kind} {d}/{dv}", "kernel": f"deepseek_mini.kernels.flash_attention:{kernel}",
+            "num_warps": config.num_warps, "num_stages": config.num_stages, "floats": ["scale"],
+            "types": {"lse_ptr": "*fp32", "delta_ptr": "*fp32"},
+            "constexprs": {"CAUSAL": True, "HAS_WINDOW": True, "UPCAST": False, **blocks, **config.kwargs}}
+
+
 def _autotuned(spec_id, kernel, types, constexprs, floats=()):
     """An autotuned kernel at its first GPU config."""
     return {"id": spec_id, "kernel": kernel, "config": 0, "types": types, "constexprs": constexprs, "floats": floats}
@@ -107,6 +124,16 @@ SPECS = [
        "constexprs": {"INTERLEAVED": layout == "pairs", "BLOCK_S": _rope_rows(4096, half), "BLOCK_HALF": half}}
       for layout, half in (("pairs", 32), ("halves", 64))],
     _mla_decode(16), _mla_decode(128),
+    # kernels whose compile check lived in test_kernels_attention.py (moved here: one mechanism)
+    {"id": "rmsnorm fwd 7168", "kernel": "deepseek_mini.kernels.rmsnorm:_rmsnorm_fwd_kernel", "num_warps": 16,
+     "types": {"rstd_ptr": "*fp32"}, "floats": ["eps"], "constexprs": {"BLOCK": 8192}},
+    *[{"id": f"swiglu {kind}", "kernel": f"deepseek_mini.kernels.swiglu:_swiglu_{kind}_kernel",
+       "constexprs": {"BLOCK": 1024}} for kind in ("fwd", "bwd")],
+    *[_flash(kind, d, dv) for kind in ("fwd", "dkdv", "dq") for d, dv in ((128, 128), (192, 128))],
+    {"id": "flash bwd delta", "kernel": "deepseek_mini.kernels.flash_attention:_attn_bwd_delta_kernel",
+     "types": {"delta_ptr": "*fp32"}, "constexprs": {"BLOCK_M": 64, "BLOCK_DV": 128}},
+    {"id": "mla decode combine", "kernel": "deepseek_mini.kernels.mla_decode:_mla_decode_combine_kernel",
+     "types": {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"}, "constexprs": {"BLOCK_S": 16, "BLOCK_C": 512}},
     _autotuned("moe gemm swiglu", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
                {"A_ROW_DIV": 6, "HAS_SCALE": False, "SWIGLU": True, "SAVE": True, "UPCAST": False, "BLOCK_M": 64}),
     _autotuned("moe gemm scaled", f"{_MOE}:_grouped_gemm_kernel", _GEMM_TYPES,
@@ -152,3 +179,4 @@ def test_kernel_compiles_for_sm90_without_spilling(compiled, spec_id):
     if spec_id not in MAY_SPILL:
         assert r["stack"] == 0 and r["local"] == 0, f"{spec_id} spills registers on sm_90: {r}"
     assert r["registers"] <= 255
+    assert r["shared"] <= 232448, f"{spec_id} needs {r['shared']} B of shared memory, sm_90 has 227 KiB a block"

@@ -50,7 +50,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                      n_q_heads, group, S, T, D, DV, scale, window, size_bucket,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr):
     # one flat grid (a 2-D grid caps batch * heads at 65535); the query blocks of one head are
     # neighbours, so programs running together share that head's keys and values in L2
     n_blocks = tl.cdiv(S, BLOCK_M)
@@ -70,6 +70,12 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                 mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     if UPCAST:  # bf16 is wrong in the interpreter: compute in fp32 there
         q = q.to(tl.float32)
+    if BLOCK_D2 > 0:  # the head dim's tail, e.g. MLA's 64 RoPE dims after 128 (see head_blocks)
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d2[None, :],
+                     mask=(offs_m[:, None] < S) & (offs_d2[None, :] < D), other=0.0)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e); exp2 is the fast path
@@ -96,7 +102,14 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k_t) * qk_scale  # log2 units
+        s = tl.dot(q, k_t)
+        if BLOCK_D2 > 0:
+            k2_t = tl.load(k_base + kn[None, :] * skt + offs_d2[:, None],
+                           mask=(kn[None, :] < T) & (offs_d2[:, None] < D), other=0.0)
+            if UPCAST:
+                k2_t = k2_t.to(tl.float32)
+            s += tl.dot(q2, k2_t)
+        s = s * qk_scale  # log2 units
         # masking costs time: only blocks that straddle an edge of the band need it
         straddles = start_n + BLOCK_N > T
         if CAUSAL:
@@ -149,7 +162,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           n_q_heads, n_kv_heads, group, S, T, D, DV, scale, window, size_bucket,
                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                          BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr):
     n_blocks = tl.cdiv(T, BLOCK_N)
     pid_n = tl.program_id(0) % n_blocks
     pid_bhk = tl.program_id(0) // n_blocks
@@ -171,6 +184,13 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if BLOCK_D2 > 0:  # the head dim's tail: its own slice of k and of the dK accumulator
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        k2 = tl.load(k_ptr + b * skb + hk * skh + offs_n[:, None] * skt + offs_d2[None, :],
+                     mask=(offs_n[:, None] < T) & (offs_d2[None, :] < D), other=0.0)
+        if UPCAST:
+            k2 = k2.to(tl.float32)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
 
     # query rows that can see this key block: causal -> from the block's first key on;
     # window -> up to the block's last key + window - 1 (absolute positions)
@@ -197,8 +217,14 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             lse = tl.load(lse_ptr + bh * S + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + bh * S + offs_m, mask=row_ok, other=0.0)
             # transposed scores s^T [BLOCK_N, BLOCK_M], so dV and dK come out without transposes
-            s_t = tl.dot(k, tl.trans(q)) * qk_scale
-            p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+            s_t = tl.dot(k, tl.trans(q))
+            if BLOCK_D2 > 0:
+                q2 = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d2[None, :],
+                             mask=row_ok[:, None] & (offs_d2[None, :] < D), other=0.0)
+                if UPCAST:
+                    q2 = q2.to(tl.float32)
+                s_t += tl.dot(k2, tl.trans(q2))
+            p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
             # as in the forward, only tiles that straddle an edge of the band (or of the
             # sequences) pay for the mask
             straddles = (start_m + BLOCK_M > S) | (first_k + BLOCK_N > T)
@@ -213,12 +239,17 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
+            if BLOCK_D2 > 0:
+                dk2 += tl.dot(ds_t.to(q2.dtype), q2)
 
     out_rows = pid_bhk.to(tl.int64) * T + offs_n[:, None]
     tl.store(dk_ptr + out_rows * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < T) & (offs_d[None, :] < D))
     tl.store(dv_ptr + out_rows * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV))
+    if BLOCK_D2 > 0:
+        tl.store(dk_ptr + out_rows * D + offs_d2[None, :], (dk2 * scale).to(dk_ptr.dtype.element_ty),
+                 mask=(offs_n[:, None] < T) & (offs_d2[None, :] < D))
 
 
 @triton.jit
@@ -227,7 +258,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         n_q_heads, group, S, T, D, DV, scale, window, size_bucket,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr):
     n_blocks = tl.cdiv(S, BLOCK_M)
     pid_m = tl.program_id(0) % n_blocks
     pid_bh = tl.program_id(0) // n_blocks
@@ -252,6 +283,13 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:  # the head dim's tail: its own slice of q and of the dQ accumulator
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d2[None, :],
+                     mask=row_ok[:, None] & (offs_d2[None, :] < D), other=0.0)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
 
@@ -271,8 +309,14 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k))
+        if BLOCK_D2 > 0:
+            k2 = tl.load(k_base + kn[:, None] * skt + offs_d2[None, :],
+                         mask=(kn[:, None] < T) & (offs_d2[None, :] < D), other=0.0)
+            if UPCAST:
+                k2 = k2.to(tl.float32)
+            s += tl.dot(q2, tl.trans(k2))
+        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
         straddles = start_n + BLOCK_N > T
         if CAUSAL:
             straddles = straddles | (start_n + BLOCK_N - 1 > first_q)
@@ -283,9 +327,14 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
+        if BLOCK_D2 > 0:
+            dq2 += tl.dot(ds.to(k2.dtype), k2)
 
     tl.store(dq_ptr + (pid_bh.to(tl.int64) * S + offs_m[:, None]) * D + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if BLOCK_D2 > 0:
+        tl.store(dq_ptr + (pid_bh.to(tl.int64) * S + offs_m[:, None]) * D + offs_d2[None, :],
+                 (dq2 * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d2[None, :] < D))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,12 +345,29 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _gpu_configs(block_d, kind):
+def head_blocks(d, dv):
+    """Tile widths for head dims d (queries/keys) and dv (values): BLOCK_D, BLOCK_D2, BLOCK_DV.
+    A q/k head dim of 3/4 of a power of two (MLA's 192 = 128 + 64 RoPE dims) is cut into two
+    power-of-two slices, 128 + 64, instead of being padded to 256: a third less tile work and
+    registers, which lets the 192/128 case use the same tiles as head dim 128. Each slice must
+    be >= 16 wide (tl.dot's minimum)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    block_d2 = 0
+    if block_d >= 64 and d <= 3 * block_d // 4:
+        block_d, block_d2 = block_d // 2, block_d // 4
+    return {"BLOCK_D": block_d, "BLOCK_D2": block_d2, "BLOCK_DV": max(16, triton.next_power_of_2(dv))}
+
+
+def _gpu_configs(blocks, kind):
+    """Autotune candidates; `blocks` from head_blocks (wide heads drop the largest tiles)."""
+    block_d = blocks["BLOCK_D"] + blocks["BLOCK_D2"]
     if kind == "fwd":
         # (16, 64) and (32, 64) are for decode (a handful of queries): big query blocks would idle
         shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (16, 64, 4, 3), (32, 64, 4, 3)]
     else:
-        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+        # (64, 32, 8 warps): the one backward tile that compiles without spilling registers on
+        # sm_90 at MLA's 192/128 head dims (tests/test_kernels_sm90.py)
+        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 32, 8, 2)]
     shapes.append((32, 32, 4, 1))  # fits shared memory for every dtype and head size (fp32 d256)
     configs = []
     for bm, bn, warps, stages in shapes:
@@ -314,12 +380,13 @@ def _gpu_configs(block_d, kind):
 _TUNED = {}
 
 
-def _launcher(kernel, kind, block_d):
-    """The kernel wrapped in triton.autotune for this head size (cached), used on CUDA only."""
-    key = (id(kernel), block_d)
+def _launcher(kernel, kind, blocks):
+    """The kernel wrapped in triton.autotune for these head sizes (cached), used on CUDA only."""
+    key = (id(kernel), tuple(sorted(blocks.items())))
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=_gpu_configs(block_d, kind),
-                                      key=["size_bucket", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_WINDOW"])(kernel)
+        _TUNED[key] = triton.autotune(configs=_gpu_configs(blocks, kind),
+                                      key=["size_bucket", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "CAUSAL",
+                                           "HAS_WINDOW"])(kernel)
     return _TUNED[key]
 
 
@@ -332,12 +399,12 @@ def _size_bucket(S, T):
     return 64 * (S - 1).bit_length() + (T - 1).bit_length()
 
 
-def _launch(kernel, kind, grid_len, grid_heads, ref, block_d, *args, **constexprs):
+def _launch(kernel, kind, grid_len, grid_heads, ref, blocks, *args, **constexprs):
     if _interpreting(ref):
         grid = (grid_len(_INTERPRETER_BLOCKS) * grid_heads,)
         kernel[grid](*args, **constexprs, **_INTERPRETER_BLOCKS)
     else:
-        tuned = _launcher(kernel, kind, block_d)
+        tuned = _launcher(kernel, kind, blocks)
         tuned[lambda meta: (grid_len(meta) * grid_heads,)](*args, **constexprs)
 
 
@@ -372,11 +439,8 @@ def _common(q, k, v, causal, window, scale):
     B, Hq, S, D = q.shape
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(D))
-    block_dv = max(16, triton.next_power_of_2(DV))
     flags = dict(CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-                 UPCAST=_interpreting(q) and q.dtype == torch.bfloat16,
-                 BLOCK_D=block_d, BLOCK_DV=block_dv)
+                 UPCAST=_interpreting(q) and q.dtype == torch.bfloat16, **head_blocks(D, DV))
     return B, Hq, Hkv, S, T, D, DV, scale, flags
 
 
@@ -389,7 +453,7 @@ def flash_attention_forward(q, k, v, causal=True, window=None, scale=None):
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _launch(_attn_fwd_kernel, "fwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, flags["BLOCK_D"],
+    _launch(_attn_fwd_kernel, "fwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, head_blocks(D, DV),
             q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     return out, lse
@@ -415,9 +479,9 @@ def flash_attention_backward(do, q, k, v, out, lse, causal=True, window=None, sc
         BLOCK_M=block_m_delta, BLOCK_DV=flags["BLOCK_DV"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _launch(_attn_bwd_dkdv_kernel, "bwd", lambda meta: triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, q, flags["BLOCK_D"],
+    _launch(_attn_bwd_dkdv_kernel, "bwd", lambda meta: triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, q, head_blocks(D, DV),
             q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
-    _launch(_attn_bwd_dq_kernel, "bwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, flags["BLOCK_D"],
+    _launch(_attn_bwd_dq_kernel, "bwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, head_blocks(D, DV),
             q, k, v, do, lse, delta, dq, *strides, Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     return dq, dk, dv
 
