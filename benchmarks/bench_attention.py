@@ -104,6 +104,10 @@ def main():
         "What limits us where a target is missed: a plain-pointer Triton kernel without warp "
         "specialisation or TMA (it must also run on triton 3.6 and in the interpreter); the "
         "backward recomputes scores twice (separate dK/dV and dQ kernels, no atomics).",
+        "MLA 192/128: the q/k head dim runs as 128 + 64 slices (flash_attention.head_blocks), not "
+        "padded to 256 as in the first record, so it gets the head-dim-128 tiles; its backward "
+        "accumulators (dK 192 + dV 128 wide) still fill the registers: only the 64x32, 8-warp "
+        "tile compiles without spills on sm_90 (pytest -s tests/test_kernels_sm90.py).",
     ]
     print_table("Flash attention vs PyTorch SDPA (flash backend)", headers, rows, notes)
 
