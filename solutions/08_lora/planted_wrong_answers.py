@@ -94,6 +94,9 @@ WRONG_ANSWERS = {
         "scaling = r / alpha (upside down)": _LORA_HEAD + _FREEZE + """
         self.scaling = r / alpha
 """ + _PARAMS + _DROPOUT + _FORWARD,
+        "scaling = alpha // r (integer division: right only when r divides alpha)": _LORA_HEAD + _FREEZE + """
+        self.scaling = alpha // r
+""" + _PARAMS + _DROPOUT + _FORWARD,
         "initialisation swapped: A zeros, B Kaiming (still starts as the base)": _LORA_HEAD + _FREEZE + """
         self.scaling = alpha / r
         self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, dtype=base.weight.dtype))
@@ -176,6 +179,22 @@ WRONG_ANSWERS = {
 """,
     },
     "merge_unmerge": {
+        "update scaled by alpha // r (integer division) instead of layer.scaling": """
+@torch.no_grad()
+def merge(layer):
+    if layer.merged:
+        return
+    layer.base.weight += (layer.lora_B @ layer.lora_A) * (layer.alpha // layer.r)
+    layer.merged = True
+
+
+@torch.no_grad()
+def unmerge(layer):
+    if not layer.merged:
+        return
+    layer.base.weight -= (layer.lora_B @ layer.lora_A) * (layer.alpha // layer.r)
+    layer.merged = False
+""",
         "update not scaled by alpha / r": """
 @torch.no_grad()
 def merge(layer):
