@@ -33,6 +33,7 @@ def _ptxas_present():
 
 
 pytestmark = [
+    pytest.mark.slow,  # ~30 compiles: a minute or more on 2 cores with an empty triton cache
     pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real JIT compiles these (pytest -m gpu)"),
     pytest.mark.skipif(not _ptxas_present(), reason="this triton wheel has no ptxas for CUDA"),
 ]
