@@ -149,6 +149,18 @@ def combine_rank_gradients(grads, n_tokens):
     total = sum(n_tokens)
     return sum(g * (n / total) for g, n in zip(grads, n_tokens))
 ''',
+        "scales the callers' gradients in place (mul_)": '''
+def combine_rank_gradients(grads, n_tokens):
+    if len(grads) != len(n_tokens):
+        raise ValueError("one gradient and one token count per rank")
+    total = sum(n_tokens)
+    if total <= 0:
+        raise ValueError("no tokens")
+    out = torch.zeros_like(grads[0])
+    for g, n in zip(grads, n_tokens):
+        out += g.mul_(n / total)
+    return out
+''',
         "token-weighted but no input checks: zip silently drops a rank": '''
 def combine_rank_gradients(grads, n_tokens):
     total = sum(n_tokens)
@@ -199,6 +211,14 @@ def dispatch_plan(topk_idx, n_experts, world_size):
     dest = topk_idx.reshape(-1) // per_rank
     return torch.argsort(dest, stable=True), torch.bincount(dest, minlength=world_size)
 ''',
+        "floor-divides topk_idx in place through a view": '''
+def dispatch_plan(topk_idx, n_experts, world_size):
+    if n_experts % world_size:
+        raise ValueError("experts must split evenly")
+    dest = topk_idx.view(-1)
+    dest //= n_experts // world_size
+    return torch.argsort(dest, stable=True), torch.bincount(dest, minlength=world_size)
+''',
         "counts pairs per expert instead of per rank": '''
 def dispatch_plan(topk_idx, n_experts, world_size):
     if n_experts % world_size:
@@ -240,6 +260,17 @@ def form_batches(lengths, max_batch):
     by_length = {}
     for i, n in enumerate(lengths):
         by_length.setdefault(n, []).append(i)
+    batches = [group[j:j + max_batch] for group in by_length.values() for j in range(0, len(group), max_batch)]
+    return sorted(batches, key=lambda batch: batch[0])
+''',
+        "consumes the caller's list of lengths as a queue (pop)": '''
+def form_batches(lengths, max_batch):
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    by_length, i = {}, 0
+    while lengths:
+        by_length.setdefault(lengths.pop(0), []).append(i)
+        i += 1
     batches = [group[j:j + max_batch] for group in by_length.values() for j in range(0, len(group), max_batch)]
     return sorted(batches, key=lambda batch: batch[0])
 ''',
