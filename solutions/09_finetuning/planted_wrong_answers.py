@@ -130,6 +130,14 @@ WRONG_ANSWERS = {
 """,
     },
     "fisher_diagonal": {
+        "zeroes the gradients only after each batch: stale .grad from training leaks into the first": _FISHER_HEAD + """
+    for batch in batches:
+        causal_lm_loss(model(batch["input_ids"].to(device)), batch["labels"].to(device)).backward()
+        for name, p in params.items():
+            fisher[name] += p.grad.detach() ** 2
+        model.zero_grad(set_to_none=True)
+    return {name: f / len(batches) for name, f in fisher.items()}
+""",
         "squares the averaged gradient instead of averaging the squares": _FISHER_HEAD + """
     mean_grad = {name: torch.zeros_like(p) for name, p in params.items()}
     for batch in batches:
