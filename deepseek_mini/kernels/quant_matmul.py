@@ -110,11 +110,11 @@ _weight_only_large_m = triton.autotune(configs=_LARGE_M, key=_WEIGHT_ONLY_KEY)(_
 
 @triton.jit
 def _dequantize_tile(code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
-                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
                      HAS_ZP: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Weight codes [BLOCK_N, BLOCK_K] (float32) at columns `k` -> weights rounded to OUT_DTYPE,
+    """Weight codes (float32, [BLOCK_N, columns k] of the K tile starting at k0) -> weights in OUT_DTYPE,
     exactly like dequantize(..., dtype=x.dtype): (code - zero_point) * scale, then the cast."""
-    if TILE_IN_GROUP:  # the whole tile lies in one K group: one scale per output row
+    if GROUP_K % BLOCK_K == 0:  # the whole K tile lies in one group: one scale per output row
         s_off = (cols // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk
         s = tl.load(scale_ptr + s_off, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_ZP:
@@ -149,7 +149,6 @@ def _weight_only_gemv_kernel(
     row_ok = rows < M
     col_ok = cols < N
     x_dtype = x_ptr.dtype.element_ty
-    TILE_IN_GROUP: tl.constexpr = GROUP_K % BLOCK_K == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -164,10 +163,10 @@ def _weight_only_gemv_kernel(
             hi = (byte >> 4) & 0xF
             w_even = _dequantize_tile((lo - ((lo >> 3) << 4)).to(tl.float32), cols, k_even, k0, col_ok, k_ok,
                                       scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K,
-                                      TILE_IN_GROUP, HAS_ZP, x_dtype)
+                                      BLOCK_K, HAS_ZP, x_dtype)
             w_odd = _dequantize_tile((hi - ((hi >> 3) << 4)).to(tl.float32), cols, k_even + 1, k0, col_ok, k_ok,
                                      scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K,
-                                     TILE_IN_GROUP, HAS_ZP, x_dtype)
+                                     BLOCK_K, HAS_ZP, x_dtype)
             x_mask = row_ok[:, None] & k_ok[None, :]
             x_even = tl.load(x_ptr + rows[:, None] * stride_xm + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)
             x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
@@ -184,7 +183,7 @@ def _weight_only_gemv_kernel(
             code = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :] * stride_wk,
                            mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             w = _dequantize_tile(code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
-                                 GROUP_N, GROUP_K, TILE_IN_GROUP, HAS_ZP, x_dtype)
+                                 GROUP_N, GROUP_K, BLOCK_K, HAS_ZP, x_dtype)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
