@@ -47,7 +47,8 @@ def _autograde_preprocessors():
 c.Autograde.autograde_preprocessors = _autograde_preprocessors()
 
 # Where release/fetch/submit/collect exchange files. One machine: a folder here (gitignored).
-# A shared JupyterHub: point DEEPSEEK_MINI_EXCHANGE at a folder every user can write (mode 777).
+# A shared JupyterHub: point DEEPSEEK_MINI_EXCHANGE at a folder every user can write with the
+# sticky bit (mode 1777), its deepseek-mini/ folder made by the instructor (hub/setup_workshop.py).
 exchange = os.environ.get("DEEPSEEK_MINI_EXCHANGE", os.path.join(course_root, "exchange"))
 os.makedirs(exchange, exist_ok=True)
 c.Exchange.root = exchange
