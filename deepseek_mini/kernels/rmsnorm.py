@@ -72,19 +72,22 @@ def _launch_config(n_cols):
 
 
 def _backward_launch(n_rows, block, sms):
-    """(BLOCK_R, num_warps, programs) of the backward. Each step moves a [BLOCK_R, BLOCK] tile of
-    ~4k elements (BLOCK_R > 1 for rows under 4k); on a GPU 4 programs per SM, so the dweight
-    partials (programs x n_cols float32, summed by PyTorch after) stay a few percent of the bytes
-    the kernel moves: the first record's one-row-at-a-time loop reached 9-11% of HBM bandwidth.
+    """(BLOCK_R, num_warps, programs) of the backward, from what compiles on sm_90 without
+    spilling (tests/test_kernels_sm90.py; the first record's one-row-at-a-time loop reached 9-11%
+    of HBM bandwidth). Rows from 2k wide: [BLOCK_R, BLOCK] tiles of 8k elements, 32 warps, ~64
+    registers a thread, one program filling an SM's warp slots. Shorter rows: tiles of 4k
+    elements, 8 warps, two programs an SM (16 rows of 512 at 32 warps spilled). Either way about
+    32 KB of loads in flight per SM. 2 programs per SM keep the dweight partials (programs x
+    n_cols float32, summed by PyTorch after) to a few percent of the bytes the kernel moves.
     `sms`: the GPU's SM count, None in the interpreter."""
-    block_r = max(1, 4096 // block)
-    # 8 elements per thread from 8k up: at 16 warps an 8192-wide tile spills registers on sm_90
-    tile = block_r * block
-    num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else min(32, tile // 256)
-    if sms:
-        n_programs = 4 * sms
+    if block >= 2048:
+        block_r, num_warps = max(1, 8192 // block), 32
     else:
-        n_programs, block_r = 4, min(block_r, 2)  # the interpreter: few programs, but tiles of 2 rows
+        block_r, num_warps = 4096 // block, 8
+    if sms:
+        n_programs = 2 * sms
+    else:
+        n_programs, block_r, num_warps = 4, min(block_r, 2), 4  # the interpreter: small, but 2-row tiles
     return block_r, num_warps, max(1, min(n_programs, triton.cdiv(n_rows, block_r)))
 
 
