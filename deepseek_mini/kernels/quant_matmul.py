@@ -4,14 +4,18 @@ Weight-only (`int8_matmul`, `int4_matmul`, `fp8_weight_matmul`): y = x @ dequant
 with the weight dequantized in registers, tile by tile, instead of being written out as a
 float tensor first. At small batch (decoding, 1-16 rows) a linear layer is bound by reading
 its weight, so reading 1 byte (int8) or half a byte (int4) per weight instead of 2 (bf16) is
-where the speed comes from. The math is exactly the reference's: `QuantLinear.forward` in
-`deepseek_mini.quant` is F.linear(x, dequantize(...).to(x.dtype)), and the kernel rounds each
-dequantized weight to x's dtype before the dot, too.
+where the speed comes from. The math is the reference's: `QuantLinear.forward` in
+`deepseek_mini.quant` is F.linear(x, dequantize(...).to(x.dtype)), and the GEMM kernel rounds
+each dequantized weight to x's dtype before the dot, too (the GEMV: see below).
 
 Up to 16 rows the work is a GEMV: the first GPU record showed one program per output tile
 leaving most SMs idle (3-23% of HBM bandwidth), so those batches take a split-K kernel instead:
 programs over (column tile, slice of K), each reading its weight slab once along K and writing
-a float32 partial, then one sum over the few splits. Larger batches use autotuned GEMM tiles.
+a float32 partial, then one sum over the few splits. Where a K tile lies inside one
+quantization group (per-channel int8, int4 groups and FP8 blocks of 128 at the GPU's tiles), it
+dots x with the raw codes and scales the small result instead: the same sum up to float
+rounding (each weight is not rounded to x's dtype first), and no float weight tile in registers.
+Larger batches use autotuned GEMM tiles.
 
 All three formats share one kernel: a weight code per element (int8, fp8, or a 4-bit nibble),
 and a scale (and int8 zero point) looked up at [n // GROUP_N, k // GROUP_K]:
@@ -109,23 +113,40 @@ _weight_only_large_m = triton.autotune(configs=_LARGE_M, key=_WEIGHT_ONLY_KEY)(_
 
 
 @triton.jit
-def _dequantize_tile(code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
-                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                     HAS_ZP: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Weight codes (float32, [BLOCK_N, columns k] of the K tile starting at k0) -> weights in OUT_DTYPE,
-    exactly like dequantize(..., dtype=x.dtype): (code - zero_point) * scale, then the cast."""
-    if GROUP_K % BLOCK_K == 0:  # the whole K tile lies in one group: one scale per output row
+def _gemv_step(acc, x, code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
+               GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+               HAS_ZP: tl.constexpr, UPCAST: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x @ dequantize(code)^T for the K tile starting at k0: x
+    [BLOCK_M, columns k] in its own dtype, code [BLOCK_N, columns k] the raw weight codes."""
+    if GROUP_K % BLOCK_K == 0:
+        # the tile lies in one quantization group: one scale (and zero point) per output column,
+        # so the codes (exact in x's dtype: at most 8 bits) go into the dot as they are and the
+        # [BLOCK_M, BLOCK_N] result is scaled; no float weight tile, fewer registers
         s_off = (cols // GROUP_N) * stride_sn + (k0 // GROUP_K) * stride_sk
-        s = tl.load(scale_ptr + s_off, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        if HAS_ZP:
-            code -= tl.load(zp_ptr + s_off, mask=col_ok, other=0).to(tl.float32)[:, None]
+        s = tl.load(scale_ptr + s_off, mask=col_ok, other=0.0).to(tl.float32)
+        w = code.to(x.dtype)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        part = tl.dot(x, tl.trans(w))
+        if HAS_ZP:  # sum_k x (q - zp) = sum_k x q - zp sum_k x
+            zp = tl.load(zp_ptr + s_off, mask=col_ok, other=0).to(tl.float32)
+            part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zp[None, :]
+        acc += part * s[None, :]
     else:
+        # a group boundary inside the tile: dequantize each weight, rounded to x's dtype like
+        # dequantize(..., dtype=x.dtype), then one dot
         s_off = (cols // GROUP_N)[:, None] * stride_sn + (k // GROUP_K)[None, :] * stride_sk
         mask = col_ok[:, None] & k_ok[None, :]
-        s = tl.load(scale_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+        w = code.to(tl.float32)
         if HAS_ZP:
-            code -= tl.load(zp_ptr + s_off, mask=mask, other=0).to(tl.float32)
-    return (code * s).to(OUT_DTYPE)
+            w -= tl.load(zp_ptr + s_off, mask=mask, other=0).to(tl.float32)
+        w = (w * tl.load(scale_ptr + s_off, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(x, tl.trans(w))
+    return acc
 
 
 @triton.jit
@@ -148,7 +169,6 @@ def _weight_only_gemv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    x_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -161,35 +181,24 @@ def _weight_only_gemv_kernel(
                            mask=col_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
             lo = byte & 0xF
             hi = (byte >> 4) & 0xF
-            w_even = _dequantize_tile((lo - ((lo >> 3) << 4)).to(tl.float32), cols, k_even, k0, col_ok, k_ok,
-                                      scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K,
-                                      BLOCK_K, HAS_ZP, x_dtype)
-            w_odd = _dequantize_tile((hi - ((hi >> 3) << 4)).to(tl.float32), cols, k_even + 1, k0, col_ok, k_ok,
-                                     scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K,
-                                     BLOCK_K, HAS_ZP, x_dtype)
             x_mask = row_ok[:, None] & k_ok[None, :]
             x_even = tl.load(x_ptr + rows[:, None] * stride_xm + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)
             x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
-            if UPCAST:
-                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-                w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
-            acc += tl.dot(x_even, tl.trans(w_even))
-            acc += tl.dot(x_odd, tl.trans(w_odd))
+            acc = _gemv_step(acc, x_even, lo - ((lo >> 3) << 4), cols, k_even, k0, col_ok, k_ok,  # 8..15 -> -8..-1
+                             scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K, BLOCK_K, HAS_ZP, UPCAST)
+            acc = _gemv_step(acc, x_odd, hi - ((hi >> 3) << 4), cols, k_even + 1, k0, col_ok, k_ok,
+                             scale_ptr, zp_ptr, stride_sn, stride_sk, GROUP_N, GROUP_K, BLOCK_K, HAS_ZP, UPCAST)
     else:
         ks = tl.arange(0, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + ks
             k_ok = k < K
             code = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :] * stride_wk,
-                           mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            w = _dequantize_tile(code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
-                                 GROUP_N, GROUP_K, BLOCK_K, HAS_ZP, x_dtype)
+                           mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc += tl.dot(x, tl.trans(w))
+            acc = _gemv_step(acc, x, code, cols, k, k0, col_ok, k_ok, scale_ptr, zp_ptr, stride_sn, stride_sk,
+                             GROUP_N, GROUP_K, BLOCK_K, HAS_ZP, UPCAST)
     if HAS_BIAS:  # added once, by the first split
         bias = tl.load(bias_ptr + cols, mask=col_ok & (split == 0), other=0.0).to(tl.float32)
         acc += bias[None, :]
