@@ -10,11 +10,21 @@ n_test to test: the splits never share a problem.
 
 Fine-tuning batches mask the prompt (labels -100), so the loss is on the answer tokens only,
 and use the Hugging Face causal-LM label convention of `deepseek_mini.train`.
+
+`instruction_task` is a family of four verifiable instructions on numbers (add, larger of two,
+reverse the digits, count a digit), written in words, for chat fine-tuning (`chat.py`) and
+RL with a rule-based reward (`grpo.py`). Numbers are read digit by digit: `digit_tokenizer`
+keeps a BPE tokenizer's merges but splits every number into single digits (as DeepSeek LLM and
+LLaMA do), so "385" is always the three tokens 3, 8, 5 instead of whatever merges the corpus
+happened to learn ("12", "00", "64", ...): the same digit always looks the same to the model.
 """
 
+import random
 from dataclasses import dataclass
 
 import torch
+
+from .tokenizer import GPT2_PATTERN, ByteBPETokenizer
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -55,6 +65,83 @@ def arithmetic_task(n_digits: int = 2, ops: str = "+-", n_train: int = 2000, n_t
     train = [make(i) for i in order[:n_train]]
     test = [make(i) for i in order[n_train:n_train + n_test]]
     return Task(f"arithmetic {n_digits}-digit {ops} (seed {seed})", train, test)
+
+
+# GPT-2's pattern with ` ?\p{N}+` (a number, with its leading space) replaced by `\p{N}` (one digit)
+DIGIT_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
+assert DIGIT_PATTERN != GPT2_PATTERN
+
+
+def digit_tokenizer(tokenizer: ByteBPETokenizer) -> ByteBPETokenizer:
+    """The same merges and special tokens, with every digit its own token (a merge such as "12"
+    can never apply, since the pre-tokenizer never puts two digits in one word)."""
+    if not isinstance(tokenizer, ByteBPETokenizer):
+        raise TypeError(f"digit_tokenizer: expected a ByteBPETokenizer, got {type(tokenizer).__name__}")
+    return type(tokenizer)(tokenizer.merges, special_tokens=tuple(tokenizer.special_tokens), pattern=DIGIT_PATTERN)
+
+
+def _add(rng, n_digits):
+    a, b = rng.randrange(10**n_digits), rng.randrange(10**n_digits)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def _larger(rng, n_digits):
+    a, b = rng.sample(range(10**n_digits), 2)
+    return f"Which is larger, {a} or {b}?", str(max(a, b))
+
+
+def _reverse(rng, n_digits):
+    s = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, n_digits + 3)))
+    return f"Reverse the digits of {s}.", s[::-1]
+
+
+def _count(rng, n_digits):
+    s = "".join(rng.choice("0123456789") for _ in range(rng.randint(4, n_digits + 5)))
+    d = rng.choice(s) if rng.random() < 0.8 else rng.choice("0123456789")  # sometimes absent: answer 0
+    return f"How many {d}s are in {s}?", str(s.count(d))
+
+
+INSTRUCTIONS = {"add": _add, "larger": _larger, "reverse": _reverse, "count": _count}
+
+
+def instruction_task(kinds=tuple(INSTRUCTIONS), n_digits: int = 2, n_train: int = 4000, n_test: int = 200,
+                     seed: int = 0) -> Task:
+    """Instructions in words with one exact answer, e.g. "What is 47 + 85?" -> "132",
+    "Which is larger, 47 or 85?" -> "85", "Reverse the digits of 4071." -> "1704",
+    "How many 7s are in 37172?" -> "2". Answers carry no end marker: the chat template adds one.
+
+    Kinds take turns (add, larger, reverse, count, add, ...), so every split has an equal share
+    of each; instances are drawn under `seed` and a prompt never appears twice, so the test set
+    holds problems never trained on. `n_digits` sizes the numbers (operands below 10**n_digits;
+    strings of 3 to n_digits + 3 digits to reverse, 4 to n_digits + 5 to count in)."""
+    kinds = tuple(kinds)
+    if not kinds or any(k not in INSTRUCTIONS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"instruction_task: kinds must be distinct names from {list(INSTRUCTIONS)}, got {kinds!r}")
+    if not isinstance(n_digits, int) or not 1 <= n_digits <= 4:
+        raise ValueError(f"instruction_task: n_digits must be an int in [1, 4], got {n_digits!r}")
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"instruction_task: n_train and n_test must be >= 1, got {n_train}, {n_test}")
+    rng = random.Random(seed)
+    wanted = n_train + n_test
+    seen, examples = set(), []
+    misses = 0
+    while len(examples) < wanted:
+        prompt, answer = INSTRUCTIONS[kinds[len(examples) % len(kinds)]](rng, n_digits)
+        if prompt in seen:
+            misses += 1
+            if misses > 20 * wanted:  # the space of one kind is nearly used up
+                raise ValueError(f"instruction_task: cannot draw {wanted} distinct problems of kinds {kinds} "
+                                 f"with n_digits={n_digits}; ask for fewer or raise n_digits")
+            continue
+        seen.add(prompt)
+        examples.append(Example(prompt, answer))
+    # test first, so a larger n_train keeps the same test set
+    return Task(f"instructions {'/'.join(kinds)} {n_digits}-digit (seed {seed})", examples[n_test:], examples[:n_test])
+
+
+def kind_of(example: Example) -> str:
+    """Which instruction an `instruction_task` example is (its first word tells)."""
+    return {"What": "add", "Which": "larger", "Reverse": "reverse", "How": "count"}[example.prompt.split()[0]]
 
 
 def exact_match(predictions, answers) -> float:
