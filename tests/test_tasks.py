@@ -133,3 +133,73 @@ def test_fine_tuning_a_deepseek_model_learns_the_answers():
     config = TrainConfig(max_steps=80, lr=1e-2, warmup_steps=5, progress=False)
     Trainer(model, config, TaskBatches(tok, task.train, batch_size=16)).fit()
     assert evaluate_exact_match(model, tok, task.train, max_new_tokens=3) >= 0.9
+
+
+# --- instruction_task: four verifiable instructions, held-out instances --------------------------
+
+def _solve(prompt: str) -> str:
+    """An independent solver for the four instruction kinds, from the prompt's words."""
+    import re
+
+    numbers = re.findall(r"\d+", prompt)
+    if prompt.startswith("What is"):
+        return str(int(numbers[0]) + int(numbers[1]))
+    if prompt.startswith("Which is larger"):
+        return str(max(int(numbers[0]), int(numbers[1])))
+    if prompt.startswith("Reverse the digits of"):
+        return numbers[0][::-1]
+    digit, text = re.fullmatch(r"How many (\d)s are in (\d+)\?", prompt).groups()
+    return str(text.count(digit))
+
+
+def test_instruction_task_answers_splits_and_balance():
+    from deepseek_mini.tasks import INSTRUCTIONS, instruction_task, kind_of
+
+    task = instruction_task(n_train=800, n_test=200, seed=0)
+    assert len(task.train) == 800 and len(task.test) == 200
+    prompts = [ex.prompt for ex in task.train + task.test]
+    assert len(set(prompts)) == 1000, "no problem twice, so the test set is never trained on"
+    for ex in task.train + task.test:
+        assert ex.answer == _solve(ex.prompt), ex
+    for split in (task.train, task.test):
+        counts = {k: sum(kind_of(ex) == k for ex in split) for k in INSTRUCTIONS}
+        assert counts == {k: len(split) // 4 for k in INSTRUCTIONS}
+    counts_answers = [ex.answer for ex in task.train if kind_of(ex) == "count"]
+    assert "0" in counts_answers and len(set(counts_answers)) >= 3, "count answers vary, 0 included"
+    assert any(len(ex.answer) == 3 for ex in task.train if kind_of(ex) == "add"), "carries into a third digit"
+    # deterministic; another seed, other problems; a larger train split keeps the test split
+    assert instruction_task(n_train=800, n_test=200, seed=0) == task
+    assert instruction_task(n_train=800, n_test=200, seed=1).test != task.test
+    bigger = instruction_task(n_train=1000, n_test=200, seed=0)
+    assert bigger.test == task.test and bigger.train[:800] == task.train
+    only = instruction_task(kinds=("reverse",), n_train=10, n_test=5)
+    assert {kind_of(ex) for ex in only.train + only.test} == {"reverse"}
+
+
+def test_instruction_task_bad_arguments():
+    from deepseek_mini.tasks import instruction_task
+
+    with pytest.raises(ValueError, match="kinds must be distinct names"):
+        instruction_task(kinds=("add", "divide"))
+    with pytest.raises(ValueError, match="n_digits must be an int in"):
+        instruction_task(n_digits=5)
+    with pytest.raises(ValueError, match="cannot draw 300 distinct problems"):
+        instruction_task(kinds=("larger",), n_digits=1, n_train=250, n_test=50)  # only 90 exist
+
+
+def test_digit_tokenizer_splits_every_number_into_digits(task):
+    from deepseek_mini.tasks import digit_tokenizer
+
+    # repeated numbers, so BPE learns digit merges for digit_tokenizer to undo
+    tok = train_bpe_fast([ex.text for ex in task.train] + ["47 25 72 = 999"] * 50, vocab_size=300)
+    digits = digit_tokenizer(tok)
+    assert digits.vocab_size == tok.vocab_size and digits.merges == tok.merges
+    assert any(len(tok.encode(n)) < len(n) for n in ("47", "25", "72")), "the fixture merges some digits"
+    for text in ("47+25=", "72\n", "x = 1234567890", " 9 99 999"):
+        ids = digits.encode(text)
+        assert digits.decode(ids) == text
+        assert [i for i in ids if chr(i).isdigit()] == [ord(c) for c in text if c.isdigit()]
+        assert all(not any(c.isdigit() for c in digits.decode([i])) or i < 256 for i in ids)
+    assert digits.encode("no digits here") == tok.encode("no digits here")
+    with pytest.raises(TypeError, match="expected a ByteBPETokenizer"):
+        digit_tokenizer("gpt2")
