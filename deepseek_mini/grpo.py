@@ -253,7 +253,8 @@ def main(argv=None):
     task = instruction_task(n_train=4000, n_test=args.n_test, seed=args.seed)
 
     def report(stage, seconds):
-        by_kind = {k: evaluate_chat(model, tok, [e for e in task.test if kind_of(e) == k])
+        # answers have at most 5 digits: 6 tokens with EOS, 7 leaves room to see a rambling reply
+        by_kind = {k: evaluate_chat(model, tok, [e for e in task.test if kind_of(e) == k], max_new_tokens=7)
                    for k in ("add", "larger", "reverse", "count")}
         overall = sum(by_kind.values()) / len(by_kind)  # kinds are equally represented
         print(f"{stage:<5} held-out exact match {overall:6.1%}  " +
@@ -268,7 +269,8 @@ def main(argv=None):
     Trainer(model, sft, TaskBatches(tok, chat_examples(task.train), batch_size=32, seed=args.seed)).fit()
     scores["sft"] = report("SFT", time.perf_counter() - t)
     t = time.perf_counter()
-    trainer = GRPOTrainer(model, tok, task.train, GRPOConfig(steps=args.grpo_steps, lr=args.grpo_lr, seed=args.seed))
+    trainer = GRPOTrainer(model, tok, task.train, GRPOConfig(steps=args.grpo_steps, lr=args.grpo_lr, max_new_tokens=7,
+                                                                 seed=args.seed))
     trainer.fit(progress=False)
     scores["grpo"] = report("GRPO", time.perf_counter() - t)
     h = trainer.history
