@@ -52,7 +52,7 @@ def fill_guard(buffer: torch.Tensor, tag: int) -> torch.Tensor:
     if buffer.dtype in _NAN_BITS:
         quiet_nan, payload_bits = _NAN_BITS[buffer.dtype]
         bits(buffer).fill_(quiet_nan | (tag % (2**payload_bits - 1) + 1))
-    elif buffer.dtype.is_floating_point:  # float8 formats have a single NaN
+    elif buffer.dtype.is_floating_point or buffer.dtype.is_complex:  # float8 formats have a single NaN
         buffer.fill_(float("nan"))
     elif buffer.dtype == torch.bool:
         buffer.fill_(True)
