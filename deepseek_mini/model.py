@@ -105,50 +105,43 @@ class DeepseekConfig:
         def is_real(value):
             return is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
-            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
-                bad(name, "a positive int")
-        if not is_int(self.qk_nope_head_dim) or self.qk_nope_head_dim < 0:
-            bad("qk_nope_head_dim", "an int >= 0")
+        def require(names, ok, expected, optional=False):
+            for name in names:
+                value = getattr(self, name)
+                if not (optional and value is None) and not ok(value):
+                    bad(name, expected + (" or None" if optional else ""))
+
+        positive_int = lambda v: is_int(v) and v > 0  # noqa: E731
+        int_at_least_0 = lambda v: is_int(v) and v >= 0  # noqa: E731
+        positive_real = lambda v: is_real(v) and v > 0  # noqa: E731
+        require(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"), positive_int,
+                "a positive int")
+        require(("qk_nope_head_dim",), int_at_least_0, "an int >= 0")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "an even number (RoPE rotates pairs)")
-        for name in ("q_lora_rank", "num_key_value_heads"):
-            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) <= 0):
-                bad(name, "a positive int or None")
-        for name in ("n_routed_experts", "n_shared_experts"):
-            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 0):
-                bad(name, "an int >= 0 or None")
-        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
-            if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
-                bad(name, "a finite number > 0")
-        for name in ("aux_loss_alpha", "initializer_range"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "a finite number >= 0")
-        if self.capacity_factor is not None and (not is_real(self.capacity_factor) or self.capacity_factor <= 0):
-            bad("capacity_factor", "a finite number > 0 or None")
-        for name in ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings", "absorb_mla"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "True or False")
-        if not is_int(self.first_k_dense_replace) or self.first_k_dense_replace < 0:
-            bad("first_k_dense_replace", "an int >= 0")
+        require(("q_lora_rank", "num_key_value_heads"), positive_int, "a positive int", optional=True)
+        require(("n_routed_experts", "n_shared_experts"), int_at_least_0, "an int >= 0", optional=True)
+        require(("rope_theta", "rms_norm_eps", "routed_scaling_factor"), positive_real, "a finite number > 0")
+        require(("aux_loss_alpha", "initializer_range"), lambda v: is_real(v) and v >= 0, "a finite number >= 0")
+        require(("capacity_factor",), positive_real, "a finite number > 0", optional=True)
+        require(("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings", "absorb_mla"),
+                lambda v: isinstance(v, bool), "True or False")
+        require(("first_k_dense_replace",), int_at_least_0, "an int >= 0")
         if self.hidden_act != "silu":
             bad("hidden_act", "'silu' (the only activation DeepSeek uses)")
         if self.attention_dropout:
             bad("attention_dropout", "0.0 (attention dropout is not implemented)")
         rope_type(self.rope_scaling)  # raises on unsupported scaling
         if self.n_routed_experts:
-            if not is_int(self.moe_intermediate_size) or self.moe_intermediate_size <= 0:
-                bad("moe_intermediate_size", "a positive int")
+            require(("moe_intermediate_size",), positive_int, "a positive int")
             if self.scoring_func not in SCORING_FUNCS:
                 bad("scoring_func", f"one of {SCORING_FUNCS}")
             if self.topk_method not in TOPK_METHODS:
                 bad("topk_method", f"one of {TOPK_METHODS}")
             if not is_int(self.num_experts_per_tok) or not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
                 bad("num_experts_per_tok", f"an int in [1, n_routed_experts={self.n_routed_experts}]")
-            for name in ("n_group", "topk_group"):
-                if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
-                    bad(name, "a positive int or None")
+            require(("n_group", "topk_group"), positive_int, "a positive int", optional=True)
             if self.topk_method != "greedy":
                 n_group, topk_group = self.n_group or 1, self.topk_group or 1
                 if self.n_routed_experts % n_group:
