@@ -24,7 +24,7 @@ import regex
 import torch
 from torch import nn
 
-from .tasks import Example, digit_tokenizer, exact_match, greedy_complete
+from .tasks import Example, digit_tokenizer, evaluate_exact_match, greedy_complete
 from .tokenizer import ByteBPETokenizer
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -185,6 +185,4 @@ def chat_complete(model, tokenizer: ChatTokenizer, questions: list[str], max_new
 def evaluate_chat(model, tokenizer: ChatTokenizer, examples: list[Example], max_new_tokens: int = 12) -> float:
     """Exact match of `chat_complete` answers against plain (not yet templated) examples; a
     reply that never ends with EOS within max_new_tokens counts as wrong."""
-    prompts = [chat_example(ex).prompt for ex in examples]
-    replies = greedy_complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=EOS)
-    return exact_match(replies, [ex.answer + EOS for ex in examples])
+    return evaluate_exact_match(model, tokenizer, chat_examples(examples), max_new_tokens, stop=EOS)

@@ -227,7 +227,8 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return out
 
 
-def evaluate_exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int = 8) -> float:
-    """Exact-match accuracy of greedy completions on `examples`."""
-    predictions = greedy_complete(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens)
+def evaluate_exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int = 8,
+                         stop: str = "\n") -> float:
+    """Exact-match accuracy of greedy completions on `examples` (each cut after `stop`)."""
+    predictions = greedy_complete(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens, stop=stop)
     return exact_match(predictions, [ex.answer for ex in examples])
