@@ -5,6 +5,8 @@ device gives garbage or a crash, not an error. Each launcher calls these first s
 input fails in Python with a message that names the argument and what was expected.
 """
 
+import functools
+
 import torch
 
 from deepseek_mini import backend
@@ -64,6 +66,14 @@ def check_same_device(op, **tensors):
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{op}: Triton kernels run on CUDA (or CPU through the interpreter), got {device}")
     return device
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device, which launchers size their grids by; None for
+    the CPU (the interpreter), where they pick small fixed tiles instead. Cached: launchers ask
+    on every call, and decode calls are microseconds long."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def check_same_dtype(op, **tensors):

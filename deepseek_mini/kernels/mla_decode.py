@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, sm_count
 
 OP = "mla_decode"
 
@@ -168,8 +168,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Te
     interpreting = device.type == "cpu"
     block_h, block_n, num_warps = launch_config(H, interpreting)
     head_blocks = triton.cdiv(H, block_h)
-    sms = None if interpreting else torch.cuda.get_device_properties(device).multi_processor_count
-    n_splits = num_splits or _default_splits(B, head_blocks, T, sms)
+    n_splits = num_splits or _default_splits(B, head_blocks, T, sm_count(device))
     if n_splits < 1:
         raise ValueError(f"{OP}: num_splits must be >= 1, got {num_splits}")
     chunk = triton.cdiv(triton.cdiv(T, n_splits), block_n) * block_n

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_tensor, sm_count
 from deepseek_mini.backend import interpreting
 from deepseek_mini.kernels.fused_moe import autotune_configs
 
@@ -279,7 +279,7 @@ def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
                   HAS_BIAS=bias is not None, UPCAST=interpreting())
     if 0 < m <= GEMV_MAX_M:
         block_n, block_k, k_per_split, splits, warps = _gemv_launch(
-            n, k, int4, group_k, torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else None)
+            n, k, int4, group_k, sm_count(x.device))
         # one split writes the output directly; several write float32 partials that one sum adds
         part = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
         _weight_only_gemv_kernel[(triton.cdiv(n, block_n), splits)](

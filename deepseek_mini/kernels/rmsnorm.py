@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_tensor, sm_count
 
 OP = "rmsnorm"
 
@@ -121,8 +121,7 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     n_rows = x.numel() // n_cols if n_cols else 0
     check_tensor(OP, "rstd", rstd, shape=(n_rows,), dtypes=(torch.float32,))
     block, _ = _launch_config(n_cols)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else None
-    block_r, num_warps, n_programs = _backward_launch(n_rows, block, sms)
+    block_r, num_warps, n_programs = _backward_launch(n_rows, block, sm_count(x.device))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_r) * block_r
     n_programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
     dx = torch.empty_like(x)
