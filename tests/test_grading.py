@@ -299,7 +299,8 @@ def test_solution_gets_full_marks_and_blank_gets_zero(course, assignment):
     scores, max_scores, flagged, _ = autograde(course, assignment)
     assert sum(max_scores.values()) > 0
     assert scores["ada"] == max_scores, f"the solution lost points: {scores['ada']} of {max_scores}"
-    assert not _errors(course, "ada", assignment), f"the solution raised errors when graded: {_errors(course, 'ada', assignment)}"
+    assert not _errors(course, "ada", assignment), (  # the messages, so a failure in CI can be read from its log
+        f"the solution raised errors when graded: {_errors(course, 'ada', assignment)}\n{_error_text(course, 'ada', assignment)[:4000]}")
     assert all(v == 0 for v in scores["blank"].values()), f"an untouched exercise must score 0: {scores['blank']}"
     assert not flagged["ada"] and not flagged["blank"]
 
