@@ -231,6 +231,10 @@ def _checkpoint_files(path: Path) -> list[Path]:
         weight_map = _read_json(index, "with a 'weight_map'").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"load_pretrained: {index} needs a 'weight_map' object of tensor name -> file name")
+        outside = sorted({name for name in weight_map.values() if Path(name).name != name or name in ("", ".", "..")})
+        if outside:  # a shard is a file in this folder, never a path that reaches out of it
+            raise ValueError(f"load_pretrained: {index} names shard(s) {outside} outside {path}: "
+                             "a weight_map value must be a plain file name")
         files = sorted({path / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

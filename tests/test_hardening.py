@@ -109,6 +109,17 @@ def test_load_prefers_model_safetensors_and_checks_the_index(checkpoint):
         load_pretrained(checkpoint)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/ABS/outside.safetensors", "sub/../../outside.safetensors"])
+def test_load_refuses_an_index_that_points_outside_the_folder(checkpoint, shard):
+    # a downloaded index is data: it must not make us read a file elsewhere on the machine
+    outside = checkpoint.parent / "outside.safetensors"
+    (checkpoint / "model.safetensors").rename(outside)
+    shard = shard.replace("/ABS", str(checkpoint.parent))
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {KEY: shard}}))
+    with pytest.raises(ValueError, match=r"outside .*a weight_map value must be a plain file name"):
+        load_pretrained(checkpoint)
+
+
 @pytest.mark.parametrize("text,problem", [("{not json", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
                                           ('"x"', "must hold a JSON object")])
 def test_bad_json_names_the_file(checkpoint, text, problem):
