@@ -36,6 +36,28 @@ def grad_cam(model, x, target):
     logits = model.fc2(model.embed(maps))
 """
 
+_PGD_HEAD = """
+def pgd_attack(model, x, y, eps, step_size, steps, generator=None):
+    was_training = model.training
+    model.eval()
+    x = x.detach()
+"""
+
+_PGD_START = """    u = torch.rand(x.shape, generator=generator, device=x.device)
+    x_adv = (x + eps * (2 * u - 1)).clamp(0, 1)
+"""
+
+_PGD_LOOP = """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+"""
+
+_PGD_END = """    model.train(was_training)
+    return x_adv.detach()
+"""
+
 WRONG_ANSWERS = {
     "cnn": {
         "average pooling instead of max pooling": _CNN_INIT + """
@@ -229,6 +251,88 @@ def fgsm(model, x, y, eps):
     x = x.detach().clone().requires_grad_(True)
     F.cross_entropy(model(x), y).backward()
     return (x + eps * x.grad.sign()).clamp(0, 1).detach()
+""",
+    },
+    "pgd_attack": {
+        'no random start: begins at x itself': _PGD_HEAD + """    x_adv = x.clone()
+""" + _PGD_LOOP + _PGD_END,
+        'random start in [0, eps) only: every pixel starts brighter': _PGD_HEAD + """    u = torch.rand(x.shape, generator=generator, device=x.device)
+    x_adv = (x + eps * u).clamp(0, 1)
+""" + _PGD_LOOP + _PGD_END,
+        'Gaussian random start (eps * randn): leaves the eps-ball': _PGD_HEAD + """    x_adv = (x + eps * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
+""" + _PGD_LOOP + _PGD_END,
+        'random start not clipped to [0, 1]': _PGD_HEAD + """    u = torch.rand(x.shape, generator=generator, device=x.device)
+    x_adv = x + eps * (2 * u - 1)
+""" + _PGD_LOOP + _PGD_END,
+        'no projection onto the eps-ball (only the pixel range)': _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = (x_adv.detach() + step_size * grad.sign()).clamp(0, 1)
+""" + _PGD_END,
+        'no clip to [0, 1] (only the eps-ball)': _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
+""" + _PGD_END,
+        'projects onto the eps-ball around the random start, not around x': _PGD_HEAD + _PGD_START + """    x_start = x_adv.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x_start - eps), x_start + eps).clamp(0, 1)
+""" + _PGD_END,
+        'projects only once, after the last step': _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+    x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+""" + _PGD_END,
+        'steps against the gradient (lowers the loss)': _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() - step_size * grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+""" + _PGD_END,
+        'the gradient itself instead of its sign': _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach() + step_size * grad
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+""" + _PGD_END,
+        'the gradient taken once, at the start, and reused for every step': _PGD_HEAD + _PGD_START + """    x_adv.requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+    x_adv = x_adv.detach()
+    for _ in range(steps):
+        x_adv = x_adv + step_size * grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+""" + _PGD_END,
+        "loss.backward() leaves gradients in the model's parameters": _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        F.cross_entropy(model(x_adv), y).backward()
+        x_adv = x_adv.detach() + step_size * x_adv.grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+""" + _PGD_END,
+        "freezes the model's parameters for speed and leaves them frozen": _PGD_HEAD + """    for p in model.parameters():
+        p.requires_grad_(False)
+""" + _PGD_START + _PGD_LOOP + _PGD_END,
+        'attacks in training mode (dropout on)': """
+def pgd_attack(model, x, y, eps, step_size, steps, generator=None):
+    x = x.detach()
+""" + _PGD_START + _PGD_LOOP + """    return x_adv.detach()
+""",
+        'switches to eval mode and leaves the model there': _PGD_HEAD + _PGD_START + _PGD_LOOP + """    return x_adv.detach()
+""",
+        'always hands the model back in training mode': _PGD_HEAD + _PGD_START + _PGD_LOOP + """    model.train()
+    return x_adv.detach()
+""",
+        'never detaches: x_adv stays part of a growing graph': _PGD_HEAD + _PGD_START + """    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = x_adv + step_size * grad.sign()
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+    model.train(was_training)
+    return x_adv
 """,
     },
 }
