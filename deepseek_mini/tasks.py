@@ -1,12 +1,15 @@
-"""A fine-tuning task with an exact metric: synthetic arithmetic ("47+25=" -> "72").
+"""Fine-tuning tasks with an exact metric: synthetic arithmetic ("47+25=" -> "72") and rules on
+digit strings ("reverse 2633 =" -> " 3362").
 
-Why this task: the answer is either right or wrong (exact match, no judge needed), the model
-starts near 0% (a code-pretrained tiny model has not learned to add), and full fine-tuning,
-LoRA and QLoRA reach clearly different scores in a few minutes on a CPU.
+Why these tasks: the answer is either right or wrong (exact match, no judge needed) and a
+code-pretrained tiny model starts near 0%. `digit_string_task` is the one a tiny model
+*generalises* on within a few hundred steps on a CPU (assignments 08 and 09: 90% or more on
+strings never trained on, measured by benchmarks/finetune_recipes.py); on the 100 one-digit sums
+they used before, it memorised the training problems and got 5% of the held-out ones.
 
-Every problem in the space (all a op b with n-digit operands; for "-", a >= b so answers are
-never negative) is shuffled once under a seed, then the first n_train go to train and the next
-n_test to test: the splits never share a problem.
+Every problem in a task's space (all a op b with n-digit operands, where for "-" a >= b so answers
+are never negative; or all strings of n digits) is shuffled once under a seed, then the first
+n_train go to train and the next n_test to test: the splits never share a problem.
 
 Fine-tuning batches mask the prompt (labels -100), so the loss is on the answer tokens only,
 and use the Hugging Face causal-LM label convention of `deepseek_mini.train`.
