@@ -30,6 +30,7 @@ _EXPORTS = {
     "train_bpe": "tokenizer",
     "stdlib_corpus": "corpus",
     "arithmetic_task": "tasks",
+    "digit_string_task": "tasks",
 }
 
 

@@ -1,12 +1,15 @@
-"""A fine-tuning task with an exact metric: synthetic arithmetic ("47+25=" -> "72").
+"""Fine-tuning tasks with an exact metric: synthetic arithmetic ("47+25=" -> "72") and rules on
+digit strings ("reverse 2633 =" -> " 3362").
 
-Why this task: the answer is either right or wrong (exact match, no judge needed), the model
-starts near 0% (a code-pretrained tiny model has not learned to add), and full fine-tuning,
-LoRA and QLoRA reach clearly different scores in a few minutes on a CPU.
+Why these tasks: the answer is either right or wrong (exact match, no judge needed) and a
+code-pretrained tiny model starts near 0%. `digit_string_task` is the one a tiny model
+*generalises* on within a few hundred steps on a CPU (assignments 08 and 09: 90% or more on
+strings never trained on, measured by benchmarks/finetune_recipes.py); on the 100 one-digit sums
+they used before, it memorised the training problems and got 5% of the held-out ones.
 
-Every problem in the space (all a op b with n-digit operands; for "-", a >= b so answers are
-never negative) is shuffled once under a seed, then the first n_train go to train and the next
-n_test to test: the splits never share a problem.
+Every problem in a task's space (all a op b with n-digit operands, where for "-" a >= b so answers
+are never negative; or all strings of n digits) is shuffled once under a seed, then the first
+n_train go to train and the next n_test to test: the splits never share a problem.
 
 Fine-tuning batches mask the prompt (labels -100), so the loss is on the answer tokens only,
 and use the Hugging Face causal-LM label convention of `deepseek_mini.train`.
@@ -60,11 +63,46 @@ def arithmetic_task(n_digits: int = 2, ops: str = "+-", n_train: int = 2000, n_t
     if n_train + n_test > len(space):
         raise ValueError(f"arithmetic_task: n_train + n_test = {n_train + n_test} exceeds the "
                          f"{len(space)} distinct problems with n_digits={n_digits}, ops={ops!r}")
+    make = lambda p: Example(f"{p[0]}{p[1]}{p[2]}=", f"{OPS[p[1]](p[0], p[2])}\n")  # noqa: E731
+    return _split(f"arithmetic {n_digits}-digit {ops} (seed {seed})", space, make, n_train, n_test, seed)
+
+
+def _split(name: str, space: list, make, n_train: int, n_test: int, seed: int) -> Task:
+    """Shuffle every problem of `space` once under `seed`: the first n_train train, the next
+    n_test test, so the two splits never share a problem."""
     order = torch.randperm(len(space), generator=torch.Generator().manual_seed(seed)).tolist()
-    make = lambda i: Example(f"{space[i][0]}{space[i][1]}{space[i][2]}=", f"{OPS[space[i][1]](space[i][0], space[i][2])}\n")  # noqa: E731
-    train = [make(i) for i in order[:n_train]]
-    test = [make(i) for i in order[n_train:n_train + n_test]]
-    return Task(f"arithmetic {n_digits}-digit {ops} (seed {seed})", train, test)
+    return Task(name, [make(space[i]) for i in order[:n_train]],
+                [make(space[i]) for i in order[n_train:n_train + n_test]])
+
+
+DIGIT_OPS = {
+    "reverse": lambda s: s[::-1],  # 2633 -> 3362
+    "sort": lambda s: "".join(sorted(s)),  # 2633 -> 2336
+    "rotate": lambda s: s[1:] + s[0],  # 2633 -> 6332 (first digit to the end)
+}
+
+
+def digit_string_task(op: str = "reverse", n_digits: int = 4, n_train: int = 4000, n_test: int = 200,
+                      seed: int = 0) -> Task:
+    """Problems "{op} {digits} =" with answer " {op(digits)}\\n", e.g. "reverse 2633 =" -> " 3362".
+
+    A task a tiny model can *generalise* on, not only memorise: every answer digit is a copy of
+    one prompt digit at a position fixed by the rule, which attention learns as a pattern over
+    positions (read with `digit_tokenizer`, one token per digit). There are 10**n_digits strings
+    (leading zeros included), so thousands of distinct problems; they are shuffled once under
+    `seed`, the first n_train train and the next n_test are held out: never trained on."""
+    if op not in DIGIT_OPS:
+        raise ValueError(f"digit_string_task: op must be one of {list(DIGIT_OPS)}, got {op!r}")
+    if not isinstance(n_digits, int) or not 2 <= n_digits <= 6:
+        raise ValueError(f"digit_string_task: n_digits must be an int in [2, 6], got {n_digits!r}")
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"digit_string_task: n_train and n_test must be >= 1, got {n_train}, {n_test}")
+    if n_train + n_test > 10**n_digits:
+        raise ValueError(f"digit_string_task: n_train + n_test = {n_train + n_test} exceeds the "
+                         f"{10**n_digits} distinct strings of {n_digits} digits")
+    space = [f"{i:0{n_digits}d}" for i in range(10**n_digits)]
+    make = lambda s: Example(f"{op} {s} =", f" {DIGIT_OPS[op](s)}\n")  # noqa: E731
+    return _split(f"{op} {n_digits}-digit strings (seed {seed})", space, make, n_train, n_test, seed)
 
 
 # GPT-2's pattern with ` ?\p{N}+` (a number, with its leading space) replaced by `\p{N}` (one digit)

@@ -203,3 +203,60 @@ def test_digit_tokenizer_splits_every_number_into_digits(task):
     assert digits.encode("no digits here") == tok.encode("no digits here")
     with pytest.raises(TypeError, match="expected a ByteBPETokenizer"):
         digit_tokenizer("gpt2")
+
+
+# --- digit_string_task: rules on digit strings, held-out strings never trained on ----------------
+
+def test_digit_string_task_answers_and_disjoint_splits():
+    from deepseek_mini.tasks import digit_string_task
+
+    task = digit_string_task("reverse", n_digits=4, n_train=4000, n_test=200, seed=0)
+    assert len(task.train) == 4000 and len(task.test) == 200
+    prompts = [ex.prompt for ex in task.train + task.test]
+    assert len(set(prompts)) == 4200, "no string twice: the held-out problems are never trained on"
+    for ex in task.train + task.test:
+        digits = ex.prompt.removeprefix("reverse ").removesuffix(" =")
+        assert len(digits) == 4 and digits.isdigit(), ex
+        assert ex.answer == f" {digits[::-1]}\n", ex
+    assert any(ex.prompt.startswith("reverse 0") for ex in task.train), "leading zeros are strings too"
+    for op, rule in (("sort", lambda s: "".join(sorted(s))), ("rotate", lambda s: s[1:] + s[0])):
+        other = digit_string_task(op, n_digits=3, n_train=50, n_test=10, seed=1)
+        for ex in other.train + other.test:
+            digits = ex.prompt.removeprefix(f"{op} ").removesuffix(" =")
+            assert ex.answer == f" {rule(digits)}\n", ex
+    # deterministic; another seed, another split; a larger train split keeps the leading order
+    assert digit_string_task(n_train=4000, n_test=200, seed=0) == task
+    assert digit_string_task(n_train=4000, n_test=200, seed=1).test != task.test
+    bigger = digit_string_task(n_train=4500, n_test=200, seed=0)
+    assert bigger.train[:4000] == task.train and not {e.prompt for e in bigger.train} & {e.prompt for e in bigger.test}
+    # all of the space can be used, and not one problem more
+    every = digit_string_task(n_digits=2, n_train=90, n_test=10)
+    assert len({ex.prompt for ex in every.train + every.test}) == 100
+
+
+def test_digit_string_task_bad_arguments():
+    from deepseek_mini.tasks import digit_string_task
+
+    with pytest.raises(ValueError, match="op must be one of"):
+        digit_string_task("shuffle")
+    with pytest.raises(ValueError, match=r"n_digits must be an int in \[2, 6\]"):
+        digit_string_task(n_digits=7)
+    with pytest.raises(ValueError, match="exceeds the 100 distinct strings of 2 digits"):
+        digit_string_task(n_digits=2, n_train=95, n_test=10)
+    with pytest.raises(ValueError, match="n_train and n_test must be >= 1"):
+        digit_string_task(n_test=0)
+
+
+def test_digit_string_prompts_read_one_token_per_digit():
+    from deepseek_mini.tasks import digit_string_task, digit_tokenizer
+
+    # a BPE that learned merges of these very digits, so digit_tokenizer has something to undo
+    bpe = train_bpe_fast(["reverse 1234 = 4321\n"] * 20 + ["0 1 2 3 4 5 6 7 8 9"], vocab_size=290)
+    assert len(bpe.encode(" 4321")) < 5
+    digits = digit_tokenizer(bpe)
+    for ex in digit_string_task(n_train=20, n_test=5).train:
+        ids, labels = encode_example(digits, ex)
+        n_prompt = len(digits.encode(ex.prompt))
+        answer_pieces = [digits.decode([i]) for i in ids[n_prompt:]]
+        assert [p for p in answer_pieces if p.isdigit()] == list(ex.answer.strip()), answer_pieces
+        assert digits.decode(ids) == ex.text and labels.count(-100) == n_prompt
