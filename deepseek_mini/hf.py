@@ -9,6 +9,11 @@ Our module names are the same except that
     load_pretrained(path, dtype=torch.float32) -> DeepseekModel
     save_pretrained(model, path)               -> writes config.json + model.safetensors
 
+Multi-token-prediction (MTP) layers (DeepSeek-V3's `model.layers.{num_hidden_layers + k}`, see
+`deepseek_mini.mtp`) are skipped on load, as transformers' DeepseekV3ForCausalLM skips them, with
+a warning; `load_pretrained(path, mtp=True)` loads them into `model.mtp`, and `save_pretrained`
+writes a model's MTP modules under those names (with config.json's `num_nextn_predict_layers`).
+
 Both refuse what they cannot represent exactly (an unknown config field, an FP8 checkpoint, a
 missing tensor, ...) with an error naming it, instead of producing a subtly different model.
 Where transformers itself departs from DeepSeek's original code, we follow transformers (the
@@ -183,6 +188,11 @@ def config_to_hf(config: DeepseekConfig) -> dict:
         out.pop("topk_method")
         out.pop("scoring_func")
     out.pop("moe_layer_freq")
+    if model_type == "deepseek_v3":  # transformers' default is 1 (num_mtp_layers): say how many there are
+        out["num_nextn_predict_layers"] = config.num_nextn_predict_layers
+    elif config.num_nextn_predict_layers:
+        raise ValueError("save_pretrained: multi-token prediction is a DeepSeek-V3 feature; a softmax (V2) gate "
+                         "with num_nextn_predict_layers > 0 has no transformers equivalent")
     return out
 
 
@@ -192,6 +202,44 @@ def config_to_hf(config: DeepseekConfig) -> dict:
 
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+_MTP_KEY = re.compile(r"^mtp\.layers\.(\d+)\.")
+# copies of the main model's shared tensors that DeepSeek's release stores in each MTP layer
+_MTP_SHARED_COPIES = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def _mtp_to_checkpoint_names(state: dict, config: DeepseekConfig) -> dict:
+    """`mtp.layers.{k}.x` -> `layers.{num_hidden_layers + k}.x`, plus the shared copies of each MTP layer."""
+    out = {}
+    for name, t in state.items():
+        m = _MTP_KEY.match(name)
+        out[f"layers.{config.num_hidden_layers + int(m.group(1))}.{name[m.end():]}" if m else name] = t
+    for k in range(config.num_nextn_predict_layers):
+        for copy_name, main_name in _MTP_SHARED_COPIES.items():
+            out[f"layers.{config.num_hidden_layers + k}.{copy_name}"] = state[main_name]
+    return out
+
+
+def _mtp_from_checkpoint_names(state: dict, config: DeepseekConfig) -> dict:
+    """The inverse of `_mtp_to_checkpoint_names`; the shared copies must equal the main model's
+    tensors (DeepSeek-V3 shares them, and this library keeps one copy)."""
+    out = {}
+    for name, t in state.items():
+        m = _LAYER_KEY.match(name)
+        k = int(m.group(1)) - config.num_hidden_layers if m else -1
+        if not 0 <= k < config.num_nextn_predict_layers:
+            out[name] = t
+            continue
+        rest = name[m.end():]
+        if rest in _MTP_SHARED_COPIES:
+            main = state.get(_MTP_SHARED_COPIES[rest])
+            if main is None and rest == "shared_head.head.weight" and config.tie_word_embeddings:
+                main = state.get("embed_tokens.weight")
+            if main is not None and (main.shape != t.shape or not torch.equal(main, t.to(main.dtype))):
+                raise ValueError(f"load_pretrained: MTP tensor {name!r} differs from the main model's "
+                                 f"{_MTP_SHARED_COPIES[rest]!r}; DeepSeek-V3 shares them and this library keeps one")
+            continue
+        out[f"mtp.layers.{k}.{rest}"] = t
+    return out
 
 
 def fp8_block_size(hf: dict) -> int | None:
@@ -292,7 +340,8 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
     `fp8_block`: the block size from an FP8 checkpoint's quantization_config; its float8 weights
     and their `weight_scale_inv` are dequantized to float32 first. `mtp_layers`: how many
     multi-token-prediction layers follow the last block (config.json's num_nextn_predict_layers);
-    they are skipped, any other layer past the config's num_hidden_layers is an error."""
+    they are skipped unless `config.num_nextn_predict_layers` asks for them (then they come back
+    as `mtp.layers.{k}.*`); any other layer past the config's num_hidden_layers is an error."""
     fp8 = [k for k in tensors if k.endswith("weight_scale_inv")]
     if fp8 and fp8_block is None:
         raise ValueError(f"load_pretrained: found FP8 scales ({fp8[0]!r}, ...) but config.json has no FP8 "
@@ -302,11 +351,12 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
 
         tensors = dequantize_fp8_state_dict(tensors, block_size=fp8_block, dtype=torch.float32)
     out, experts, unexpected = {}, {}, []
+    kept = config.num_hidden_layers + config.num_nextn_predict_layers
     for key, t in tensors.items():
         name = key.removeprefix("model.")
         layer = _LAYER_KEY.match(name)
-        if layer and config.num_hidden_layers <= int(layer.group(1)) < config.num_hidden_layers + mtp_layers:
-            continue  # multi-token-prediction layers after the last block: transformers skips them too
+        if layer and kept <= int(layer.group(1)) < config.num_hidden_layers + mtp_layers:
+            continue  # multi-token-prediction layers not asked for: transformers skips them too
         if name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from the config
         m = _EXPERT_KEY.match(name)
@@ -327,11 +377,15 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
                 missing = sorted(set(range(config.n_routed_experts)) - set(ids))
                 raise ValueError(f"load_pretrained: layer {layer} is missing {proj} of expert(s) {missing[:10]}")
             out[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([experts[(layer, proj, e)] for e in ids])
-    return out
+    return _mtp_from_checkpoint_names(out, config)
 
 
-def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu") -> DeepseekModel:
-    """Load a Hugging Face DeepSeek-V3 / V2 checkpoint folder into a DeepseekModel (eval mode)."""
+def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu", mtp: bool = False) -> DeepseekModel:
+    """Load a Hugging Face DeepSeek-V3 / V2 checkpoint folder into a DeepseekModel (eval mode).
+
+    mtp=False: the main model only; multi-token-prediction layers in the checkpoint are skipped
+    (with a warning saying so), as transformers' DeepseekV3ForCausalLM does. mtp=True: also the
+    config.json's num_nextn_predict_layers MTP layers, into `model.mtp` (an error if absent)."""
     if isinstance(dtype, str):  # "bfloat16", "float32", ...
         dtype = getattr(torch, dtype.removeprefix("torch."))
     path = Path(path)
@@ -341,10 +395,24 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     hf_config = _read_json(config_file, "the model's config")
     config = config_from_hf(hf_config)
     fp8_block = fp8_block_size(hf_config)
+    mtp_layers = hf_config.get("num_nextn_predict_layers", hf_config.get("num_mtp_layers")) or 0
+    if not isinstance(mtp_layers, int) or isinstance(mtp_layers, bool) or mtp_layers < 0:
+        raise ValueError(f"config.json: num_nextn_predict_layers={mtp_layers!r}: expected an int >= 0")
+    if mtp:
+        if not mtp_layers:
+            raise ValueError(f"load_pretrained(mtp=True): {config_file} declares no multi-token-prediction layers "
+                             "(num_nextn_predict_layers is 0 or absent)")
+        config = config.replace(num_nextn_predict_layers=mtp_layers)
     tensors, origin = _read_safetensors(path)
     _check_dtypes(tensors, origin, fp8_block)
-    state = state_dict_from_hf(tensors, config, fp8_block=fp8_block,
-                               mtp_layers=int(hf_config.get("num_nextn_predict_layers") or 0))
+    if not mtp:
+        skipped = sorted({int(m.group(1)) for k in tensors if (m := _LAYER_KEY.match(k.removeprefix("model.")))
+                          and config.num_hidden_layers <= int(m.group(1)) < config.num_hidden_layers + mtp_layers})
+        if skipped:
+            warnings.warn(f"load_pretrained: skipped the multi-token-prediction layer(s) {skipped} of {path} "
+                          "(the model predicts the next token only); load_pretrained(..., mtp=True) keeps them",
+                          stacklevel=2)
+    state = state_dict_from_hf(tensors, config, fp8_block=fp8_block, mtp_layers=mtp_layers)
     model = DeepseekModel(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
@@ -372,7 +440,7 @@ def save_pretrained(model: DeepseekModel, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in _mtp_to_checkpoint_names(model.state_dict(), model.config).items():
         if name == "lm_head.weight":
             if not model.config.tie_word_embeddings:
                 tensors[name] = t.detach().clone().contiguous()

@@ -74,6 +74,7 @@ class DeepseekConfig:
     first_k_dense_replace: int = 1         # the first k layers use a dense MLP
     moe_layer_freq: int = 1
     aux_loss_alpha: float = 0.0            # auxiliary balance loss weight (training only)
+    num_nextn_predict_layers: int = 0      # DeepSeek-V3's multi-token-prediction depth (deepseek_mini.mtp)
     # positions
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
@@ -127,7 +128,7 @@ class DeepseekConfig:
         require(("capacity_factor",), positive_real, "a finite number > 0", optional=True)
         require(("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings", "absorb_mla"),
                 lambda v: isinstance(v, bool), "True or False")
-        require(("first_k_dense_replace",), int_at_least_0, "an int >= 0")
+        require(("first_k_dense_replace", "num_nextn_predict_layers"), int_at_least_0, "an int >= 0")
         if self.hidden_act != "silu":
             bad("hidden_act", "'silu' (the only activation DeepSeek uses)")
         if self.attention_dropout:
@@ -250,6 +251,9 @@ class DeepseekModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if config.num_nextn_predict_layers:  # extra modules trained to predict tokens further ahead
+            from deepseek_mini.mtp import MultiTokenPrediction
+            self.mtp = MultiTokenPrediction(config)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         self._rope_len = 0

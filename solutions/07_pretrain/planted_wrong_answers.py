@@ -116,6 +116,34 @@ def _flops(**wrong):
     return code
 
 
+# mtp_loss: one correct skeleton, each mistake changes one piece of it
+_MTP = """
+def mtp_loss(model, hidden, input_ids, weight):
+    S = input_ids.shape[1]
+    depth = len(model.mtp.layers)
+    h, losses = HIDDEN, []
+    for k, module in enumerate(model.mtp.layers, start=1):
+        next_embeds = model.embed_tokens(EMBEDDED)
+        x = module.eh_proj(torch.cat(CONCAT, dim=-1))
+        h_k = module.transformer_block(x, model.rope_cos[k:S], model.rope_sin[k:S])
+        logits = HEAD
+        losses.append(F.cross_entropy(LOGITS.reshape(-1, logits.shape[-1]), TARGETS.reshape(-1)))
+        h = CHAIN
+    return TOTAL
+"""
+_MTP_RIGHT = {"HIDDEN": "hidden", "EMBEDDED": "input_ids[:, k:]",
+              "CONCAT": "(module.enorm(next_embeds), module.hnorm(h[:, :S - k]))",
+              "HEAD": "model.lm_head(module.shared_head.norm(h_k))", "LOGITS": "logits[:, :-1]",
+              "TARGETS": "input_ids[:, k + 1:]", "CHAIN": "h_k", "TOTAL": "weight / depth * torch.stack(losses).sum()"}
+
+
+def _mtp(**wrong):
+    code = _MTP
+    for key, value in {**_MTP_RIGHT, **wrong}.items():
+        code = code.replace(key, value)
+    return code
+
+
 WRONG_ANSWERS = {
     "count_parameters": {
         "forgets MLA's latent norms (q_a_layernorm, kv_a_layernorm)": _count(Q_NORM="0", KV_NORM="0"),
@@ -237,5 +265,25 @@ def perplexity(model, batches):
         "value size read from qk_nope_head_dim (equal in the default config)": _flops(
             ATTENTION="2 * batch_size * module.n_heads * seq_len * seq_len * (module.qk_head_dim + module.qk_nope_head_dim)"),
         "counts the embedding look-up as a matmul": _flops(EMBEDDING="2 * tokens * module.num_embeddings * module.embedding_dim"),
+    },
+    "mtp_loss": {
+        "the report's equation order: hidden half first (the released eh_proj reads embedding first)": _mtp(
+            CONCAT="(module.hnorm(h[:, :S - k]), module.enorm(next_embeds))"),
+        "targets not shifted by the depth: predicts the token it embeds, t_{i+k}": _mtp(
+            LOGITS="logits", TARGETS="input_ids[:, k:]"),
+        "every depth predicts t_{i+2} (shift of the first depth only)": _mtp(
+            LOGITS="logits[:, :S - k - 1]", TARGETS="input_ids[:, 2:S - k + 1]"),
+        "embeds t_{i+k-1}, the token the previous depth already saw": _mtp(
+            EMBEDDED="input_ids[:, k - 1:S - 1]"),
+        "the main model's final norm instead of the module's own shared_head.norm": _mtp(
+            HEAD="model.lm_head(model.norm(h_k))"),
+        "a head of its own: logits from the embedding matrix instead of the shared lm_head": _mtp(
+            HEAD="module.shared_head.norm(h_k) @ model.embed_tokens.weight.T"),
+        "no chain: every depth starts again from the main model's hidden states": _mtp(CHAIN="hidden"),
+        "passes the normalised state (after shared_head.norm) to the next depth": _mtp(
+            CHAIN="module.shared_head.norm(h_k)"),
+        "detaches h^0: the MTP loss no longer trains the main model": _mtp(HIDDEN="hidden.detach()"),
+        "sums the depths without dividing by D": _mtp(TOTAL="weight * torch.stack(losses).sum()"),
+        "averages the depths but forgets the weight lambda": _mtp(TOTAL="torch.stack(losses).mean()"),
     },
 }
