@@ -5,6 +5,8 @@ Read top to bottom:
      sliding-window masks and grouped-query heads (GQA/MQA). Every other piece calls it, and the
      fused flash-attention / MLA-decode kernels are tested against it.
   2. `KVCache`: what generation keeps from earlier tokens so each new token costs one step.
+     `Attend`: the formula as a module, so a forward hook sees each layer's q and k
+     (`viz.AttentionWeights` records attention weights that way).
   3. `MultiHeadAttention`: MHA / GQA / MQA with RoPE and an optional sliding window.
   4. `MultiHeadLatentAttention`: DeepSeek-V2/V3 MLA. Keys and values are rebuilt from a small
      latent vector per token. Two equivalent ways to run it:
@@ -138,13 +140,13 @@ class KVCache:
         return sum(t.numel() * t.element_size() for ts in self.layers.values() for t in ts)
 
 
-def keep_weights(module: nn.Module, result):
-    """Unpack an attention result; with `module.keep_attention` it is (out, weights) and the
-    weights [B, H, S, T] are kept in `module.last_attention` for heatmaps."""
-    if not module.keep_attention:
-        return result
-    out, module.last_attention = result[0], result[1].detach()
-    return out
+class Attend(nn.Module):
+    """`scaled_dot_product_attention` as a module without parameters. The attention layers call
+    it, so a forward hook on it receives their q, k, v and options: enough to compute the
+    attention weights for a plot, while the forward itself never forms them on the fused path."""
+
+    def forward(self, q, k, v, *, causal: bool = True, window: int | None = None, scale: float | None = None):
+        return scaled_dot_product_attention(q, k, v, causal=causal, window=window, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +157,7 @@ class MultiHeadAttention(nn.Module):
     """Standard attention with n_kv_heads key/value heads: = n_heads (MHA), fewer (GQA), 1 (MQA).
 
     RoPE is applied to q and k when `cos`/`sin` (rows for the positions of x) are given.
-    `window` turns on sliding-window attention. Set `keep_attention = True` to keep the last
-    attention weights in `last_attention` (for heatmaps).
+    `window` turns on sliding-window attention.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
@@ -175,8 +176,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
-        self.keep_attention = False
-        self.last_attention = None
+        self.attend = Attend()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
@@ -191,8 +191,7 @@ class MultiHeadAttention(nn.Module):
             k = apply_rope(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = keep_weights(self, scaled_dot_product_attention(q, k, v, causal=True, window=self.window,
-                                                              return_weights=self.keep_attention))
+        out = self.attend(q, k, v, causal=True, window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -234,8 +233,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(kv_lora_rank)
         self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=bias)
-        self.keep_attention = False
-        self.last_attention = None
+        self.attend = Attend()
 
     def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, dim] -> q_nope [B, H, S, nope], q_pe [B, H, S, rope] (before RoPE)."""
@@ -281,8 +279,7 @@ class MultiHeadLatentAttention(nn.Module):
             q = torch.cat((q_nope, q_pe), dim=-1)
             if cache is not None:
                 k, v = cache.update(layer_idx, k, v)
-            out = keep_weights(self, scaled_dot_product_attention(q, k, v, causal=True, scale=self.softmax_scale,
-                                                                  return_weights=self.keep_attention))
+            out = self.attend(q, k, v, causal=True, scale=self.softmax_scale)
         else:
             # Absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, so move W_UK onto the query and
             # attend over the shared latent like multi-query attention with one kv head whose key
@@ -291,7 +288,7 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe)
             w_uk, w_uv = self.up_projections()
             q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-            if S == 1 and not self.keep_attention and not torch.is_grad_enabled() and fusable(q_latent, c_kv, k_pe):
+            if S == 1 and not torch.is_grad_enabled() and fusable(q_latent, c_kv, k_pe):
                 # one new token (generation): the memory-bound decode kernel reads the cache once
                 # without concatenating it (deepseek_mini/kernels/mla_decode.py)
                 from deepseek_mini.kernels.mla_decode import mla_decode
@@ -300,8 +297,7 @@ class MultiHeadLatentAttention(nn.Module):
             else:
                 q = torch.cat((q_latent, q_pe), dim=-1)
                 k = torch.cat((c_kv, k_pe), dim=-1)
-                out = keep_weights(self, scaled_dot_product_attention(
-                    q, k, c_kv, causal=True, scale=self.softmax_scale, return_weights=self.keep_attention))
+                out = self.attend(q, k, c_kv, causal=True, scale=self.softmax_scale)
             out = torch.einsum("bhsr,hvr->bhsv", out, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))
 

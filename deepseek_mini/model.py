@@ -10,22 +10,28 @@ Module and parameter names follow Hugging Face transformers (`self_attn.q_a_proj
 
 Conventions:
   * `model(input_ids)` returns logits [batch, seq, vocab].
-  * `model(input_ids, labels=labels)` returns an `LMOutput` with `.loss` (next-token cross
-    entropy, labels shifted inside like transformers, -100 ignored; plus the gates' auxiliary
-    loss when `aux_loss_alpha > 0` in training) and `.logits`.
+  * `model(input_ids, labels=labels)` returns an `LMOutput` with `.loss` (`causal_lm_loss`:
+    next-token cross entropy, labels shifted inside like transformers, -100 ignored; plus the
+    blocks' auxiliary balance loss when `aux_loss_alpha > 0` in training, also in `.aux_loss`)
+    and `.logits`.
+  * Inputs are checked once, in `check_inputs`: shapes and dtypes always, token values only on
+    the CPU (reading a GPU tensor's values would stall every decoding step).
   * `model.generate(input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None)`:
     temperature 0 is greedy; the KV cache makes each new token one short forward.
   * `model.gradient_checkpointing_enable()` recomputes each block in the backward pass.
-  * `model.routing()` gives the last forward's expert choices per MoE layer (for plots);
-    `model.update_expert_biases(speed)` after an optimizer step is DeepSeek-V3's aux-loss-free
-    load balancing.
+  * Nothing is kept from one forward to the next. `with record_routing(model) as routing:`
+    records the gates' choices through forward hooks (`viz.routing` and `viz.AttentionWeights`
+    for plots); `model.update_expert_biases(routing, speed)` after an optimizer step is
+    DeepSeek-V3's aux-loss-free load balancing.
   * `model.num_parameters(active=True)` counts the parameters one token uses.
   * Padding masks are not supported: a batch holds sequences of equal length.
 """
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deepseek_mini.attention import KVCache, MultiHeadLatentAttention, kv_cache_bytes_per_token
 from deepseek_mini.layers import MLP, RMSNorm
-from deepseek_mini.moe import SCORING_FUNCS, TOPK_METHODS, Experts, Gate, MoE
+from deepseek_mini.moe import SCORING_FUNCS, TOPK_METHODS, Experts, Gate, MoE, expert_load
 from deepseek_mini.rope import precompute_rope, rope_type, softmax_scale
 
 
@@ -54,7 +60,9 @@ class DeepseekConfig:
     moe_intermediate_size: int = 32        # width of each routed / shared expert
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    num_key_value_heads: int | None = None  # unused by MLA (every head gets its own K/V)
+    # Never read: MLA gives every head its own K/V. Kept because the config.json files of cached
+    # pretrained models (`pretrained.py`) hold it and are loaded with DeepseekConfig(**json).
+    num_key_value_heads: int | None = None
     # Multi-head Latent Attention
     q_lora_rank: int | None = 32           # None: queries straight from x (q_proj)
     kv_lora_rank: int = 32
@@ -223,8 +231,54 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
+        """(the new residual stream [B, S, D], the MoE's auxiliary balance loss or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache=cache, layer_idx=self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux_loss = self.mlp(h, return_aux_loss=True)
+        else:
+            y, aux_loss = self.mlp(h), None
+        return x + y, aux_loss
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy, Hugging Face convention: labels are aligned with the inputs,
+    position t predicts labels[t + 1]; positions labelled -100 are ignored. Computed in float32
+    at least (bf16 logits lose too much in the log-softmax)."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"causal_lm_loss: logits must be [batch, seq, vocab] and labels [batch, seq]; "
+                         f"got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}")
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:]
+    # a value check: on the CPU only, where it costs no wait for a GPU (there, the loss is NaN)
+    if targets.device.type == "cpu" and not (targets != ignore_index).any():
+        raise ValueError("causal_lm_loss: every label is ignore_index; nothing to learn from this batch")
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def check_inputs(config: DeepseekConfig, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> None:
+    """What `DeepseekModel.forward` accepts, checked once at the door. Types and shapes are
+    free to check; values only on the CPU: on a GPU, `.min()`, `.all()`, ... make the host wait
+    for the device at every decoding step. (An id out of range there fails in the embedding.)"""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
+                                                                                                   torch.int32):
+        got = (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got {got}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if input_ids.device.type != "cpu":
+        return
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        raise ValueError(f"input_ids must lie in [0, vocab_size={config.vocab_size}), got "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    if attention_mask is not None and not bool((attention_mask == 1).all()):
+        raise ValueError("attention_mask with padding (zeros) is not supported: pass sequences of equal length "
+                         "(an all-ones mask, or None, is fine)")
 
 
 @dataclass
@@ -292,43 +346,34 @@ class DeepseekModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None):
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise ValueError("attention_mask with padding (zeros) is not supported: pass sequences of equal length "
-                             "(an all-ones mask, or None, is fine)")
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got {input_ids.dtype} "
-                             f"of shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        B, S = input_ids.shape
-        self._last_shape = (B, S)
-        start = cache.seq_len() if cache is not None else 0
-        if self._rope_len < start + S:
-            self._extend_rope(max(start + S, 2 * self._rope_len))
-        cos = self.rope_cos[start:start + S].to(input_ids.device)
-        sin = self.rope_sin[start:start + S].to(input_ids.device)
-
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache)
+        check_inputs(self.config, input_ids, labels, attention_mask)
+        x, aux_loss = self.hidden_states(input_ids, cache)
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
-
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        # position t predicts token t+1; -100 marks positions to skip
-        shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shifted = shifted.to(torch.promote_types(shifted.dtype, torch.float32))  # bf16 logits: loss in fp32
-        loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
-        aux = [layer.mlp.gate.aux_loss for layer in self.layers
-               if isinstance(layer.mlp, MoE) and layer.mlp.gate.aux_loss is not None]
-        aux_loss = torch.stack(aux).sum() if aux else None
+        loss = causal_lm_loss(logits, labels)
         return LMOutput(loss=loss if aux_loss is None else loss + aux_loss, logits=logits, aux_loss=aux_loss)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None):
+        """Embedding, then every block: (the last hidden state [B, S, D], before the final norm;
+        the sum of the blocks' auxiliary losses, None when no gate has one)."""
+        start = cache.seq_len() if cache is not None else 0
+        cos, sin = self.rope_tables(start, input_ids.shape[1], input_ids.device)
+        x, aux_loss = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, aux = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux = layer(x, cos, sin, cache)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
+        return x, aux_loss
+
+    def rope_tables(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, rope dim] for positions start .. start + length - 1."""
+        if self._rope_len < start + length:
+            self._extend_rope(max(start + length, 2 * self._rope_len))
+        return self.rope_cos[start:start + length].to(device), self.rope_sin[start:start + length].to(device)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -373,24 +418,19 @@ class DeepseekModel(nn.Module):
     # Introspection
     # ------------------------------------------------------------------------------------------
 
-    def routing(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer index: (expert ids [batch, seq, k], weights [batch, seq, k])} of the last forward."""
-        out = {}
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoE) and layer.mlp.gate.last_topk_idx is not None:
-                gate = layer.mlp.gate
-                out[layer.layer_idx] = (gate.last_topk_idx, gate.last_topk_weight)
-        if not out:
-            return out
-        return {i: (idx.view(*self._last_shape, -1), w.view(*self._last_shape, -1)) for i, (idx, w) in out.items()}
+    def moe_gates(self) -> dict[int, Gate]:
+        """{layer index: gate} of the MoE layers."""
+        return {layer.layer_idx: layer.mlp.gate for layer in self.layers if isinstance(layer.mlp, MoE)}
 
     @torch.no_grad()
-    def update_expert_biases(self, speed: float = 1e-3) -> None:
+    def update_expert_biases(self, routing: dict[int, list["Routing"]], speed: float = 1e-3) -> None:
         """Aux-loss-free load balancing: after an optimizer step, nudge every noaux_tc gate's
-        correction bias toward an even load of the last forward (see `Gate.update_bias`)."""
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoE) and layer.mlp.gate.topk_method == "noaux_tc":
-                layer.mlp.gate.update_bias(speed)
+        correction bias toward an even load, the load being what `record_routing` recorded
+        during that step's forward(s) (see `Gate.update_bias`)."""
+        for i, gate in self.moe_gates().items():
+            if gate.topk_method == "noaux_tc" and routing.get(i):
+                topk_idx = torch.cat([r.topk_idx.flatten() for r in routing[i]])
+                gate.update_bias(expert_load(topk_idx, gate.n_experts), speed)
 
     def num_parameters(self, active: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count. active=True counts what ONE token uses: of each MoE layer's routed
@@ -410,6 +450,30 @@ class DeepseekModel(nn.Module):
                     routed = e.gate_proj.numel() + e.up_proj.numel() + e.down_proj.numel()
                     total -= routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
         return total
+
+
+class Routing(NamedTuple):
+    """One gate call's decisions: expert ids and gate weights, both [tokens, k]."""
+    topk_idx: torch.Tensor
+    topk_weight: torch.Tensor
+
+
+@contextmanager
+def record_routing(model: DeepseekModel):
+    """`with record_routing(model) as routing: model(...)` fills routing = {layer index: [Routing
+    per gate call]} through forward hooks on the MoE gates (one call per forward; a second under
+    gradient checkpointing, which runs the block again in backward). The hooks go at exit."""
+    routing = {i: [] for i in model.moe_gates()}
+
+    def hook(i):
+        return lambda gate, args, out: routing[i].append(Routing(out[0].detach(), out[1].detach()))
+
+    handles = [gate.register_forward_hook(hook(i)) for i, gate in model.moe_gates().items()]
+    try:
+        yield routing
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -17,13 +17,14 @@ Read top to bottom:
                                              come from the unbiased scores
        norm_topk_prob  rescale the k weights to sum to 1 (V3; transformers' V2 never does)
        routed_scaling_factor  multiplies the weights at the end
-     Training helpers: `update_bias` (the aux-loss-free rule) and an optional auxiliary
-     load-balancing loss (`aux_loss_alpha`).
+     Training helpers: `update_bias` (the aux-loss-free rule, fed with `expert_load`) and an
+     optional auxiliary load-balancing loss (`aux_loss_alpha`, `Gate.balance_loss`).
   3. `Experts`: the routed experts' weights, stacked [E, ...] like transformers 5.x.
   4. `MoE`: gate + routed experts + shared experts, with an optional expert capacity
-     (`apply_capacity`: slots beyond an expert's capacity are dropped).
-The last routing of every gate stays readable for plots: `gate.last_topk_idx`, `last_topk_weight`,
-`last_scores` (one row per token of the last forward).
+     (`apply_capacity`: slots beyond an expert's capacity are dropped); `return_aux_loss=True`
+     also returns the balance loss (what `model.Block` sums up the model).
+Nothing is kept from one forward to the next: to look at routing decisions, register a forward
+hook on the gate (`model.record_routing`, `viz.routing`) or call it, it returns them.
 """
 
 import math
@@ -118,16 +119,18 @@ class Gate(nn.Module):
         if topk_method == "noaux_tc":
             # a buffer, not a parameter: it is moved by `update_bias`, never by the optimizer
             self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
-        self.aux_loss = None
-        self.last_scores = self.last_topk_idx = self.last_topk_weight = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's score for every token, [N, E]: softmax or sigmoid of x @ weight^T."""
         if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"Gate: x must be [tokens, {self.weight.shape[1]}], got {tuple(x.shape)}")
         # Routing decisions are made in float32 (or float64) whatever the model dtype.
         compute = torch.promote_types(x.dtype, torch.float32)
         logits = F.linear(x.to(compute), self.weight.to(compute))
-        scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        return logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
         N, E, G = x.shape[0], self.n_experts, self.n_group
 
         if self.topk_method == "greedy":
@@ -146,13 +149,15 @@ class Gate(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
-
-        if self.training and self.aux_loss_alpha > 0:
-            self.aux_loss = load_balancing_loss(scores, topk_idx, E) * self.aux_loss_alpha
-        else:
-            self.aux_loss = None
-        self.last_scores, self.last_topk_idx, self.last_topk_weight = scores.detach(), topk_idx, topk_weight.detach()
         return topk_idx, topk_weight
+
+    def balance_loss(self, x: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor | None:
+        """aux_loss_alpha * load_balancing_loss for the tokens x [N, D] routed to topk_idx [N, k]
+        (None when aux_loss_alpha is 0). The scores are computed again: one small matmul, and only
+        when the loss is on, which keeps `forward`'s output the plain (ids, weights) pair."""
+        if self.aux_loss_alpha == 0:
+            return None
+        return load_balancing_loss(self.scores(x), topk_idx, self.n_experts) * self.aux_loss_alpha
 
     def _apply(self, fn, recurse=True):
         # Like transformers, keep the correction bias in float32 when the model is cast to bf16/fp16:
@@ -170,25 +175,23 @@ class Gate(nn.Module):
         mask = torch.zeros_like(group_scores).scatter_(1, best, 1.0)
         return mask.repeat_interleave(self.n_experts // G, dim=1)
 
-    def expert_load(self) -> torch.Tensor:
-        """How many tokens of the last forward went to each expert, [n_experts]."""
-        if self.last_topk_idx is None:
-            raise RuntimeError("Gate.expert_load: no forward has run yet")
-        return torch.bincount(self.last_topk_idx.flatten(), minlength=self.n_experts)
-
     @torch.no_grad()
-    def update_bias(self, speed: float = 1e-3, load: torch.Tensor | None = None) -> None:
+    def update_bias(self, load: torch.Tensor, speed: float = 1e-3) -> None:
         """DeepSeek-V3's aux-loss-free balancing: after a training step, raise the bias of
-        under-loaded experts and lower it for over-loaded ones by `speed` (default: the last
-        forward's load)."""
+        under-loaded experts and lower it for over-loaded ones by `speed`. load [n_experts]:
+        tokens per expert in that step (`expert_load` of the gate's topk_idx)."""
         if self.topk_method != "noaux_tc":
             raise ValueError(f"Gate.update_bias: only topk_method='noaux_tc' has a correction bias, "
                              f"this gate uses {self.topk_method!r}")
-        load = self.expert_load() if load is None else load
         if load.shape != (self.n_experts,):
             raise ValueError(f"Gate.update_bias: load must be [{self.n_experts}], got {tuple(load.shape)}")
         load = load.float().to(self.e_score_correction_bias.device)
         self.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+
+
+def expert_load(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many routed slots went to each expert, [n_experts] (topk_idx: a gate's [N, k] choices)."""
+    return torch.bincount(topk_idx.flatten(), minlength=n_experts)
 
 
 def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -196,7 +199,7 @@ def load_balancing_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts:
     routed slots that went to expert e and P_e its mean (normalised) score. Equal to 1 when the
     load is perfectly even; larger when the gate favours a few experts."""
     probs = scores / scores.sum(dim=-1, keepdim=True)
-    fraction = torch.bincount(topk_idx.flatten(), minlength=n_experts).float() / topk_idx.numel()
+    fraction = expert_load(topk_idx, n_experts).float() / topk_idx.numel()
     return n_experts * (fraction * probs.mean(dim=0)).sum()
 
 
@@ -249,20 +252,21 @@ class MoE(nn.Module):
                  top_k: int, capacity_factor: float | None = None, **gate_kwargs):
         super().__init__()
         self.capacity_factor = capacity_factor  # None: no token is ever dropped (DeepSeek-V3)
-        self.last_dropped = None
         self.gate = Gate(dim, n_routed_experts, top_k, **gate_kwargs)
         self.experts = Experts(n_routed_experts, dim, moe_inter_dim)
         # the shared experts are one MLP as wide as all of them together (as in HF / DeepSeek)
         self.shared_experts = MLP(dim, moe_inter_dim * n_shared_experts) if n_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_aux_loss: bool = False):
+        """y [..., D] like x; with return_aux_loss, (y, the gate's balance loss in training or None)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat)
         if self.capacity_factor is not None:
-            topk_weight, self.last_dropped = apply_capacity(topk_idx, topk_weight, self.gate.n_experts,
-                                                            self.capacity_factor)
+            topk_weight, _ = apply_capacity(topk_idx, topk_weight, self.gate.n_experts, self.capacity_factor)
         y = self.experts(flat, topk_idx, topk_weight).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y
+        if not return_aux_loss:
+            return y
+        return y, (self.gate.balance_loss(flat, topk_idx) if self.training else None)

@@ -48,11 +48,10 @@ made before t_j is visible); and that gradients reach the main model and every M
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.layers import RMSNorm
-from deepseek_mini.model import Block, DeepseekConfig, DeepseekModel
+from deepseek_mini.model import Block, DeepseekConfig, DeepseekModel, causal_lm_loss
 
 DEFAULT_WEIGHT = 0.3  # lambda: DeepSeek-V3's MTP loss weight for its first 10T tokens
 
@@ -77,8 +76,9 @@ class MTPModule(Block):
         return self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
 
     def transformer_block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """TRM_k: the decoder block (causal attention over the T positions of x, then the FFN)."""
-        return Block.forward(self, x, cos, sin)
+        """TRM_k: the decoder block (causal attention over the T positions of x, then the FFN).
+        Its MoE balance loss, if any, is left out: the MTP objective is cross-entropy only."""
+        return Block.forward(self, x, cos, sin)[0]
 
     def forward(self, hidden, next_embeds, cos, sin):
         """h^k from h^{k-1} and the embeddings of the tokens k ahead."""
@@ -131,8 +131,7 @@ def mtp_logits(model: DeepseekModel, hidden: torch.Tensor, input_ids: torch.Tens
         raise ValueError(f"multi-token prediction of depth {depth} needs sequences of at least {depth + 2} tokens, got {S}")
     out, h = [], hidden
     for k, module in enumerate(mtp.layers, start=1):
-        cos = model.rope_cos[k:S].to(hidden.device)  # the positions of the embedded tokens t_k .. t_{S-1}
-        sin = model.rope_sin[k:S].to(hidden.device)
+        cos, sin = model.rope_tables(k, S - k, hidden.device)  # positions of the embedded tokens t_k .. t_{S-1}
         h = module(h[:, :S - k], model.embed_tokens(input_ids[:, k:]), cos, sin)
         out.append(model.lm_head(module.shared_head.norm(h)))
     return out
@@ -145,12 +144,10 @@ def mtp_losses(model: DeepseekModel, hidden: torch.Tensor, input_ids: torch.Tens
     labels = input_ids if labels is None else labels
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-    losses = []
-    for k, logits in enumerate(mtp_logits(model, hidden, input_ids), start=1):
-        logits = logits[:, :-1]  # the last position's target lies past the end
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
-        losses.append(F.cross_entropy(logits, labels[:, k + 1:].reshape(-1), ignore_index=-100))
-    return losses
+    # depth k's logits cover positions 0 .. S-k-1 and predict labels k+1 ..: the next-token loss
+    # against labels shifted by k
+    return [causal_lm_loss(logits, labels[:, k:])
+            for k, logits in enumerate(mtp_logits(model, hidden, input_ids), start=1)]
 
 
 def loss_with_mtp(model: DeepseekModel, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

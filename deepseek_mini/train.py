@@ -24,13 +24,13 @@ ones) before it changes the model:
     trainer.load_checkpoint(latest_checkpoint(config.checkpoint_dir)).fit()
 
 The loss: `loss_fn(model, batch)` if you give one. Otherwise the model is called with the batch
-(a dict as keyword arguments, a tuple as positional ones); if its output carries a loss
+(a dict as keyword arguments, Hugging Face style, so a model that takes `labels` computes its own
+loss, MoE balance loss included; a tuple as positional arguments); if its output carries a loss
 (a scalar tensor, `.loss`, `["loss"]`) that is used, and if it returns logits, the causal-LM
-loss against `batch["labels"]` is computed here (`causal_lm_loss`).
+loss against `batch["labels"]` is computed here (`causal_lm_loss`, the model's own).
 """
 
 import base64
-import inspect
 import json
 import math
 import os
@@ -43,8 +43,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from deepseek_mini.model import causal_lm_loss  # noqa: F401  (re-exported: the one next-token loss)
 
 
 @dataclass
@@ -108,32 +109,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy, Hugging Face convention: labels are aligned with the inputs,
-    position t predicts labels[t + 1]; positions labelled -100 are ignored."""
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"causal_lm_loss: logits must be [batch, seq, vocab] and labels [batch, seq]; "
-                         f"got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}")
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    if not (targets != ignore_index).any():
-        raise ValueError("causal_lm_loss: every label is ignore_index; nothing to learn from this batch")
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-
-
-def _accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
-
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Call the model on the batch and get a scalar loss out of whatever it returns."""
+    """Call the model on the batch (a dict as keyword arguments, a tuple as positional ones) and
+    get a scalar loss out of whatever it returns: the loss itself, or logits and batch["labels"]."""
     labels = batch.get("labels") if isinstance(batch, dict) else None
     if isinstance(batch, dict):
-        if labels is not None and not _accepts(model.forward, "labels"):
-            out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        else:
-            out = model(**batch)
+        out = model(**batch)
     elif isinstance(batch, (tuple, list)):
         out = model(*batch)
     else:

@@ -1,8 +1,11 @@
 """Looking inside a DeepseekModel: what to capture, and plots of it.
 
-Capture (no gradients, the model is left as it was found):
-  * `attention_maps(model, input_ids)`: every layer's attention weights [B, H, S, S], through
-    the attention modules' `keep_attention` switch.
+Capture, all through forward hooks that are removed afterwards (the model keeps nothing):
+  * `AttentionWeights(model or attention module)`: a context manager that records the attention
+    weights [B, H, S, T] of every attention call inside its `with` block;
+    `attention_maps(model, input_ids)`: every layer's weights for one forward.
+  * `routing(model, input_ids)`: each MoE layer's expert ids and gate weights [B, S, k]
+    (`deepseek_mini.model.record_routing` records them during any forward, training included).
   * `residual_stream(model, input_ids)`: the hidden state after the embedding and after each
     block, [L + 1, B, S, D] (the input of a logit lens).
   * `token_labels(tokenizer, ids)`: one short, printable label per token for axes.
@@ -23,6 +26,9 @@ headless); without ipywidgets it returns a static figure instead.
 import io
 
 import torch
+
+from deepseek_mini.attention import Attend, scaled_dot_product_attention
+from deepseek_mini.model import record_routing
 
 # Visible stand-ins for characters that would otherwise vanish from a plot's labels.
 _VISIBLE = str.maketrans({" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192"})
@@ -59,21 +65,75 @@ def _check_ids(model, input_ids):
         raise TypeError(f"expected a deepseek_mini DeepseekModel, got {type(model).__name__}")
 
 
+class AttentionWeights:
+    """Records attention weights through forward hooks while the `with` block runs:
+
+        with AttentionWeights(model) as attention:
+            model(input_ids)
+        attention.weights  # one [B, H, S, T] tensor per attention layer (its last call), in order
+
+    Every `Attend` inside the given modules (a model, a block, one attention layer) is watched.
+    The hook recomputes the weights from the q and k the layer handed to attention, with the
+    reference formula: the forward itself may run flash attention, which never forms them.
+    A layer that attended through the fused one-token MLA decode kernel records nothing (None)."""
+
+    def __init__(self, *modules):
+        self.attends = [m for module in modules for m in module.modules() if isinstance(m, Attend)]
+        if not self.attends:
+            raise TypeError(f"AttentionWeights: no attention layer (deepseek_mini.attention.Attend) inside "
+                            f"{[type(m).__name__ for m in modules]}")
+        self.weights: list[torch.Tensor | None] = [None] * len(self.attends)
+        self._handles = []
+
+    def _record(self, i):
+        def hook(module, args, kwargs, out):
+            with torch.no_grad():
+                self.weights[i] = scaled_dot_product_attention(*args, **kwargs, return_weights=True)[1]
+        return hook
+
+    def __enter__(self) -> "AttentionWeights":
+        self._handles = [m.register_forward_hook(self._record(i), with_kwargs=True) for i, m in enumerate(self.attends)]
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _layer_maps(attention: AttentionWeights) -> list[torch.Tensor]:
+    missing = [i for i, w in enumerate(attention.weights) if w is None]
+    if missing:
+        raise ValueError(f"attention weights: {len(missing)} attention layer(s) formed none (one token on a GPU "
+                         "runs the fused MLA decode kernel, which has no weight matrix); pass at least two tokens")
+    return attention.weights
+
+
 @torch.no_grad()
 def attention_maps(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Attention weights of every layer for one forward of input_ids [B, S]: a list with one
     [B, H, S, S] tensor per layer (rows: queries, columns: keys; each row sums to 1)."""
     _check_ids(model, input_ids)
-    modules = [layer.self_attn for layer in model.layers]
-    before = [m.keep_attention for m in modules]
-    try:
-        for m in modules:
-            m.keep_attention = True
+    with AttentionWeights(*(layer.self_attn for layer in model.layers)) as attention:
         model(input_ids)
-        return [m.last_attention for m in modules]
-    finally:
-        for m, keep in zip(modules, before):
-            m.keep_attention = keep
+    return _layer_maps(attention)
+
+
+def _shaped(recorded: dict, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """`record_routing`'s last call per layer, as (expert ids, weights) [B, S, k]."""
+    B, S = input_ids.shape
+    return {i: (calls[-1].topk_idx.view(B, S, -1), calls[-1].topk_weight.view(B, S, -1))
+            for i, calls in recorded.items() if calls}
+
+
+@torch.no_grad()
+def routing(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{MoE layer index: (expert ids [B, S, k], gate weights [B, S, k])} for one forward of
+    input_ids [B, S] (an empty dict for a model without MoE layers)."""
+    _check_ids(model, input_ids)
+    with record_routing(model) as recorded:
+        model(input_ids)
+    return _shaped(recorded, input_ids)
 
 
 @torch.no_grad()
@@ -83,7 +143,8 @@ def residual_stream(model, input_ids: torch.Tensor) -> torch.Tensor:
     _check_ids(model, input_ids)
     captured = []
     hooks = [model.embed_tokens.register_forward_hook(lambda mod, args, out: captured.append(out))]
-    hooks += [layer.register_forward_hook(lambda mod, args, out: captured.append(out)) for layer in model.layers]
+    # a block returns (hidden state, auxiliary loss)
+    hooks += [layer.register_forward_hook(lambda mod, args, out: captured.append(out[0])) for layer in model.layers]
     try:
         model(input_ids)
     finally:
@@ -277,10 +338,13 @@ def explorer_figure(model, tokenizer, text: str, layer: int, head: int, max_toke
     ids = tokenizer.encode(text)[:max_tokens] or [tokenizer.eot_id]
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    weights = attention_maps(model, input_ids)[layer][0, head]
+    with torch.no_grad(), AttentionWeights(model.layers[layer].self_attn) as attention, \
+            record_routing(model) as recorded:
+        model(input_ids)
+    weights = _layer_maps(attention)[0][0, head]
     labels = token_labels(tokenizer, ids)
-    routing = model.routing().get(layer)
-    rows = 2 if routing is not None else 1
+    layer_routing = _shaped(recorded, input_ids).get(layer)
+    rows = 2 if layer_routing is not None else 1
     size = 0.18 * len(ids) + 2.5
     fig, axes = plt.subplots(rows, 1, figsize=(size, size + (1.2 if rows == 2 else 0)), squeeze=False,
                              gridspec_kw={"height_ratios": [len(ids), 4] if rows == 2 else [1]})
@@ -289,8 +353,8 @@ def explorer_figure(model, tokenizer, text: str, layer: int, head: int, max_toke
     _tick_labels(ax, labels, "x", 64)
     _tick_labels(ax, labels, "y", 64)
     ax.set_title(f"layer {layer}, head {head}: attention (rows attend to columns)", fontsize=9)
-    if routing is not None:
-        idx, w = routing[0][0], routing[1][0]  # [S, k]
+    if layer_routing is not None:
+        idx, w = layer_routing[0][0], layer_routing[1][0]  # [S, k]
         chosen = np.zeros((cfg.n_routed_experts, len(ids)))
         for t in range(len(ids)):
             for e, weight in zip(idx[t].tolist(), w[t].tolist()):

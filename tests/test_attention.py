@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepseek_mini.viz import AttentionWeights
+
 from deepseek_mini.attention import (KVCache, MultiHeadAttention, attention_mask, kv_cache_bytes_per_token,
                                      scaled_dot_product_attention)
 from deepseek_mini.rope import precompute_rope
@@ -74,9 +76,9 @@ def test_module_cached_decoding_equals_full_pass(n_kv_heads, window):
         steps.append(attn(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), full)
     assert cache.seq_len() == 7
-    attn.keep_attention = True
-    attn(x, cos[:7], sin[:7])
-    assert attn.last_attention.shape == (2, 4, 7, 7)
+    with AttentionWeights(attn) as attention:
+        attn(x, cos[:7], sin[:7])
+    assert attention.weights[0].shape == (2, 4, 7, 7)
     assert cache.nbytes() == 2 * 2 * n_kv_heads * 7 * 8 * 8  # (k, v) x batch x heads x seq x dim x 8 bytes
 
 

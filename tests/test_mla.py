@@ -6,6 +6,7 @@ import torch
 
 from deepseek_mini.attention import KVCache, MultiHeadLatentAttention
 from deepseek_mini.rope import precompute_rope
+from deepseek_mini.viz import AttentionWeights
 
 DIMS = dict(dim=32, n_heads=4, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
 
@@ -94,12 +95,12 @@ def test_kept_attention_weights_are_the_same_in_both_forms():
     mla = make()
     cos, sin = precompute_rope(4, 6)
     x = torch.randn(1, 6, 32, dtype=torch.float64)
-    mla.keep_attention = True
-    out_naive = mla(x, cos, sin, absorb=False)
-    naive = mla.last_attention
-    out_absorbed = mla(x, cos, sin, absorb=True)
+    with AttentionWeights(mla) as attention:
+        out_naive = mla(x, cos, sin, absorb=False)
+        naive = attention.weights[0]
+        out_absorbed = mla(x, cos, sin, absorb=True)
     assert naive.shape == (1, 4, 6, 6)
-    torch.testing.assert_close(mla.last_attention, naive)
+    torch.testing.assert_close(attention.weights[0], naive)
     torch.testing.assert_close(out_absorbed, out_naive)
     torch.testing.assert_close(naive.sum(-1), torch.ones(1, 4, 6, dtype=torch.float64))
     assert (naive.triu(1) == 0).all()  # causal

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_mini.attention import KVCache
-from deepseek_mini.model import DeepseekConfig, DeepseekModel, LMOutput, kv_cache_table, sample_next_token
+from deepseek_mini.model import (DeepseekConfig, DeepseekModel, LMOutput, kv_cache_table, record_routing,
+                                  sample_next_token)
 
 SMALL = dict(vocab_size=50, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
              num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -132,17 +133,17 @@ def test_gradient_checkpointing_gives_same_gradients():
 def test_aux_loss_and_routing():
     model = small_model(aux_loss_alpha=0.01).train()
     ids = torch.randint(0, 50, (2, 6))
-    out = model(ids, labels=ids)
+    with record_routing(model) as routing:  # forward hooks on the gates, removed at exit
+        out = model(ids, labels=ids)
     assert out.aux_loss is not None
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1)) + out.aux_loss)
-    routing = model.routing()
-    assert list(routing) == [1]  # only layer 1 is MoE
-    idx, w = routing[1]
-    assert idx.shape == w.shape == (2, 6, 2) and int(idx.max()) < 4
+    assert list(routing) == [1] and len(routing[1]) == 1  # only layer 1 is MoE; one forward
+    idx, w = routing[1][0]
+    assert idx.shape == w.shape == (12, 2) and int(idx.max()) < 4
     gate = model.layers[1].mlp.gate
     load = torch.bincount(idx.flatten(), minlength=4).float()
     before = gate.e_score_correction_bias.clone()
-    model.update_expert_biases(speed=0.01)
+    model.update_expert_biases(routing, speed=0.01)
     torch.testing.assert_close(gate.e_score_correction_bias, before + 0.01 * torch.sign(load.mean() - load))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepseek_mini import backend
-from deepseek_mini.moe import Gate, MoE, apply_capacity, load_balancing_loss, routed_experts
+from deepseek_mini.moe import Gate, MoE, apply_capacity, expert_load, load_balancing_loss, routed_experts
 
 
 def dense_reference(x, idx, w, gate_proj, up_proj, down_proj):
@@ -107,7 +107,7 @@ def test_bias_changes_choice_not_weights():
     gate = Gate(16, 8, 2, norm_topk_prob=False)
     x = torch.randn(30, 16)
     idx0, w0 = gate(x)
-    scores = gate.last_scores
+    scores = gate.scores(x)
     gate.e_score_correction_bias[5] = 10.0  # expert 5 now always wins a slot
     idx1, w1 = gate(x)
     assert (idx1 == 5).any(-1).all() and not (idx0 == 5).all()
@@ -120,19 +120,18 @@ def test_update_bias_moves_toward_balance():
         gate.weight.normal_(std=0.3)
         gate.weight[0] += 0.5  # expert 0 is favoured by most (positive) tokens
     x = torch.rand(200, 16)
-    gate(x)
-    start = gate.expert_load()
+    start = expert_load(gate(x)[0], 4)
     assert start[0] > 150
     bias_before = gate.e_score_correction_bias.clone()
-    gate.update_bias(speed=0.1)
+    gate.update_bias(start, speed=0.1)
     expected = bias_before + 0.1 * torch.sign(start.float().mean() - start.float())
     torch.testing.assert_close(gate.e_score_correction_bias, expected)
     for _ in range(200):
-        gate(x)
-        gate.update_bias(speed=0.002)
-    assert gate.expert_load().max() < start.max() * 0.6  # the bias spread the load
+        load = expert_load(gate(x)[0], 4)
+        gate.update_bias(load, speed=0.002)
+    assert load.max() < start.max() * 0.6  # the bias spread the load
     with pytest.raises(ValueError, match="noaux_tc"):
-        Gate(16, 4, 1, scoring_func="softmax", topk_method="greedy").update_bias()
+        Gate(16, 4, 1, scoring_func="softmax", topk_method="greedy").update_bias(load)
 
 
 def test_load_balancing_loss():
@@ -141,11 +140,14 @@ def test_load_balancing_loss():
     assert load_balancing_loss(even_scores, even_idx, 4).item() == pytest.approx(1.0)
     skew_scores = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1)
     assert load_balancing_loss(skew_scores, torch.zeros(8, 1, dtype=torch.long), 4).item() == pytest.approx(2.8)
-    gate = Gate(16, 4, 2, aux_loss_alpha=0.01).train()
-    gate(torch.randn(5, 16))
-    assert gate.aux_loss is not None and gate.aux_loss.requires_grad
-    gate.eval()(torch.randn(5, 16))
-    assert gate.aux_loss is None
+    moe = MoE(16, 8, n_routed_experts=4, n_shared_experts=0, top_k=2, aux_loss_alpha=0.01).train()
+    x = torch.randn(5, 16)
+    y, aux_loss = moe(x, return_aux_loss=True)
+    assert aux_loss is not None and aux_loss.requires_grad
+    torch.testing.assert_close(y, moe(x))
+    torch.testing.assert_close(aux_loss, 0.01 * load_balancing_loss(moe.gate.scores(x), moe.gate(x)[0], 4))
+    assert moe.eval()(x, return_aux_loss=True)[1] is None  # training only
+    assert MoE(16, 8, 4, 0, 2).train()(x, return_aux_loss=True)[1] is None  # aux_loss_alpha = 0: none
 
 
 def test_gate_config_errors():
@@ -166,7 +168,7 @@ def test_moe_layer_and_fused_kernel_path():
     x = torch.randn(2, 5, 16)
     y = moe(x)
     flat = x.reshape(-1, 16)
-    idx, w = moe.gate.last_topk_idx, moe.gate.last_topk_weight
+    idx, w = moe.gate(flat)  # the gate keeps nothing: ask it again
     e = moe.experts
     expected = dense_reference(flat, idx, w, e.gate_proj, e.up_proj, e.down_proj).view(2, 5, 16) + moe.shared_experts(x)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
@@ -207,7 +209,8 @@ def test_capacity_drops_the_late_slots_of_overloaded_experts():
     x = torch.randn(12, 16)
     y = moe(x)
     e, gate = moe.experts, moe.gate
-    kept = gate.last_topk_weight.masked_fill(moe.last_dropped, 0.0)
-    assert moe.last_dropped.sum() >= 12  # at most 4 experts x ceil(0.5*24/4)=3 slots = 12 of 24 kept
-    torch.testing.assert_close(y, dense_reference(x, gate.last_topk_idx, kept, e.gate_proj, e.up_proj, e.down_proj),
+    idx, w = gate(x)
+    kept, dropped = apply_capacity(idx, w, 4, capacity_factor=0.5)
+    assert dropped.sum() >= 12  # at most 4 experts x ceil(0.5*24/4)=3 slots = 12 of 24 kept
+    torch.testing.assert_close(y, dense_reference(x, idx, kept, e.gate_proj, e.up_proj, e.down_proj),
                                atol=1e-5, rtol=1e-5)

@@ -98,7 +98,7 @@ def test_every_depth_against_a_step_by_step_rederivation():
             T = S - k  # positions i = 0 .. S-k-1 combine h_i^{k-1} with Emb(t_{i+k})
             e = emb[ids[:, k:k + T]]
             x = _rms(e, m.enorm.weight, eps) @ W[:, :32].T + _rms(h[:, :T], m.hnorm.weight, eps) @ W[:, 32:].T
-            h = Block.forward(m, x, model.rope_cos[k:S].double(), model.rope_sin[k:S].double())
+            h = Block.forward(m, x, model.rope_cos[k:S].double(), model.rope_sin[k:S].double())[0]  # [1]: aux loss
             logp = (_rms(h, m.shared_head.norm.weight, eps) @ head.T).log_softmax(-1)
             nll = [-logp[b, i, labels[b, i + k + 1]] for b in range(2) for i in range(T - 1) if labels[b, i + k + 1] != -100]
             want.append(torch.stack(nll).mean())
