@@ -261,11 +261,11 @@ def check_inputs(config: DeepseekConfig, input_ids: torch.Tensor, labels: torch.
     """What `DeepseekModel.forward` accepts, checked once at the door. Types and shapes are
     free to check; values only on the CPU: on a GPU, `.min()`, `.all()`, ... make the host wait
     for the device at every decoding step. (An id out of range there fails in the embedding.)"""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
-                                                                                                   torch.int32):
-        got = (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
-               else type(input_ids).__name__)
-        raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got {got}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got {input_ids.dtype} "
+                         f"of shape {tuple(input_ids.shape)}")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:

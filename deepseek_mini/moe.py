@@ -22,9 +22,9 @@ Read top to bottom:
   3. `Experts`: the routed experts' weights, stacked [E, ...] like transformers 5.x.
   4. `MoE`: gate + routed experts + shared experts, with an optional expert capacity
      (`apply_capacity`: slots beyond an expert's capacity are dropped); `return_aux_loss=True`
-     also returns the balance loss (what `model.Block` sums up the model).
-Nothing is kept from one forward to the next: to look at routing decisions, register a forward
-hook on the gate (`model.record_routing`, `viz.routing`) or call it, it returns them.
+     also returns the balance loss (`model.Block` passes it on, the model adds it to its loss).
+Nothing is kept from one forward to the next: a gate returns its decisions, and a forward hook
+on it records them (`model.record_routing`, `viz.routing`).
 """
 
 import math
