@@ -172,12 +172,20 @@ class GRPOConfig:
 
 class GRPOTrainer:
     """GRPO on prompt/answer examples (plain, e.g. from `tasks.instruction_task`; the chat
-    template is applied here). The reference model is a frozen copy of the policy as given."""
+    template is applied here). The reference model is a frozen copy of the policy as given.
 
-    def __init__(self, model, tokenizer, examples: list[Example], config: GRPOConfig, reward_fn=exact_reward):
+    The three pieces of the method can be swapped for your own versions with the same signatures
+    (assignment 15 trains with the learner's): `reward_fn(completion, answer) -> float`,
+    `advantage_fn(rewards [prompts, G]) -> [prompts, G]` and
+    `loss_fn(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef) -> (loss, stats)`
+    (stats may be empty; missing "kl" / "clip_fraction" are then measured here)."""
+
+    def __init__(self, model, tokenizer, examples: list[Example], config: GRPOConfig, reward_fn=exact_reward,
+                 advantage_fn=group_advantages, loss_fn=grpo_loss):
         if len(examples) < config.prompts_per_step:
             raise ValueError(f"GRPOTrainer: {len(examples)} examples, fewer than prompts_per_step={config.prompts_per_step}")
         self.model, self.tokenizer, self.config, self.reward_fn = model, tokenizer, config, reward_fn
+        self.advantage_fn, self.loss_fn = advantage_fn, loss_fn
         self.examples = examples
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -194,22 +202,29 @@ class GRPOTrainer:
                                                cfg.temperature, self.generator)
         answers = [ex.answer for ex in batch for _ in range(cfg.group_size)]
         rewards = torch.tensor([self.reward_fn(t, a) for t, a in zip(texts, answers)]).view(-1, cfg.group_size)
-        advantages = group_advantages(rewards).flatten()
+        advantages = self.advantage_fn(rewards).flatten()
         with torch.no_grad():
             old_logp = token_logprobs(model, input_ids)
             ref_logp = token_logprobs(self.reference, input_ids)
         model.train()
         for _ in range(cfg.updates_per_batch):
-            loss, stats = grpo_loss(token_logprobs(model, input_ids), old_logp, ref_logp, advantages, mask,
-                                    cfg.clip_eps, cfg.kl_coef)
+            logp = token_logprobs(model, input_ids)
+            loss, stats = self.loss_fn(logp, old_logp, ref_logp, advantages, mask, cfg.clip_eps, cfg.kl_coef)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             self.optimizer.step()
         self.step += 1
+        # measured here too, so a custom loss_fn may return no stats; mean per completion over its tokens
+        with torch.no_grad():
+            m = mask.float()
+            kl = ((k3_kl(logp.detach(), ref_logp) * m).sum(dim=1) / m.sum(dim=1)).mean().item()
+            clipped = (((logp.detach() - old_logp).exp() - 1).abs() > cfg.clip_eps) & mask
         record = {"step": self.step, "loss": loss.item(), "reward": rewards.mean().item(),
                   "zero_variance_groups": (rewards.std(dim=1) == 0).float().mean().item(),
-                  "completion_tokens": mask.sum(dim=1).float().mean().item(), **stats}
+                  "completion_tokens": mask.sum(dim=1).float().mean().item(),
+                  "kl": kl, "clip_fraction": (clipped.sum() / mask.sum()).item(), **stats,
+                  "examples": pick, "group_rewards": rewards.tolist()}  # which prompts, and each group's rewards
         self.history.append(record)
         return record
 
