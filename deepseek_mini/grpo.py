@@ -19,7 +19,8 @@ pi_old is the policy that sampled the batch: with one update per batch (updates_
 the default) the ratio is exactly 1 and the clipping only matters on later updates of the
 same samples.
 
-Run the whole recipe (base -> SFT -> GRPO on `tasks.instruction_task`) with
+Run the whole recipe (base -> SFT -> GRPO on `tasks.instruction_task`, GRPO on prompts in a
+wording SFT never saw, as in assignment 15) with
     python -m deepseek_mini.grpo
 """
 
@@ -172,12 +173,20 @@ class GRPOConfig:
 
 class GRPOTrainer:
     """GRPO on prompt/answer examples (plain, e.g. from `tasks.instruction_task`; the chat
-    template is applied here). The reference model is a frozen copy of the policy as given."""
+    template is applied here). The reference model is a frozen copy of the policy as given.
 
-    def __init__(self, model, tokenizer, examples: list[Example], config: GRPOConfig, reward_fn=exact_reward):
+    The three pieces of the method can be swapped for your own versions with the same signatures
+    (assignment 15 trains with the learner's): `reward_fn(completion, answer) -> float`,
+    `advantage_fn(rewards [prompts, G]) -> [prompts, G]` and
+    `loss_fn(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef) -> (loss, stats)`
+    (stats may be empty; missing "kl" / "clip_fraction" are then measured here)."""
+
+    def __init__(self, model, tokenizer, examples: list[Example], config: GRPOConfig, reward_fn=exact_reward,
+                 advantage_fn=group_advantages, loss_fn=grpo_loss):
         if len(examples) < config.prompts_per_step:
             raise ValueError(f"GRPOTrainer: {len(examples)} examples, fewer than prompts_per_step={config.prompts_per_step}")
         self.model, self.tokenizer, self.config, self.reward_fn = model, tokenizer, config, reward_fn
+        self.advantage_fn, self.loss_fn = advantage_fn, loss_fn
         self.examples = examples
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -194,22 +203,29 @@ class GRPOTrainer:
                                                cfg.temperature, self.generator)
         answers = [ex.answer for ex in batch for _ in range(cfg.group_size)]
         rewards = torch.tensor([self.reward_fn(t, a) for t, a in zip(texts, answers)]).view(-1, cfg.group_size)
-        advantages = group_advantages(rewards).flatten()
+        advantages = self.advantage_fn(rewards).flatten()
         with torch.no_grad():
             old_logp = token_logprobs(model, input_ids)
             ref_logp = token_logprobs(self.reference, input_ids)
         model.train()
         for _ in range(cfg.updates_per_batch):
-            loss, stats = grpo_loss(token_logprobs(model, input_ids), old_logp, ref_logp, advantages, mask,
-                                    cfg.clip_eps, cfg.kl_coef)
+            logp = token_logprobs(model, input_ids)
+            loss, stats = self.loss_fn(logp, old_logp, ref_logp, advantages, mask, cfg.clip_eps, cfg.kl_coef)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             self.optimizer.step()
         self.step += 1
+        # measured here too, so a custom loss_fn may return no stats; mean per completion over its tokens
+        with torch.no_grad():
+            m = mask.float()
+            kl = ((k3_kl(logp.detach(), ref_logp) * m).sum(dim=1) / m.sum(dim=1)).mean().item()
+            clipped = (((logp.detach() - old_logp).exp() - 1).abs() > cfg.clip_eps) & mask
         record = {"step": self.step, "loss": loss.item(), "reward": rewards.mean().item(),
                   "zero_variance_groups": (rewards.std(dim=1) == 0).float().mean().item(),
-                  "completion_tokens": mask.sum(dim=1).float().mean().item(), **stats}
+                  "completion_tokens": mask.sum(dim=1).float().mean().item(),
+                  "kl": kl, "clip_fraction": (clipped.sum() / mask.sum()).item(), **stats,
+                  "examples": pick, "group_rewards": rewards.tolist()}  # which prompts, and each group's rewards
         self.history.append(record)
         return record
 
@@ -228,20 +244,22 @@ class GRPOTrainer:
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    """Assignment 15's recipe without Jupyter: SFT on 4,000 demonstrations in the first wording,
+    then GRPO on 4,000 other prompts in the second wording (`tasks.reword`), which SFT never saw."""
     import argparse
 
     from .chat import add_token_embeddings, chat_examples, chat_tokenizer, evaluate_chat
     from .pretrained import pretrained
-    from .tasks import TaskBatches, instruction_task, kind_of
+    from .tasks import TaskBatches, instruction_task, kind_of, reword
     from .train import TrainConfig, Trainer
 
     parser = argparse.ArgumentParser(description="base -> SFT -> GRPO on the instruction task, on a CPU")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--grpo-steps", type=int, default=GRPOConfig.steps)
-    parser.add_argument("--grpo-lr", type=float, default=GRPOConfig.lr)
-    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--grpo-lr", type=float, default=2e-4)
+    parser.add_argument("--kl-coef", type=float, default=GRPOConfig.kl_coef)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -250,27 +268,32 @@ def main(argv=None):
     tiny = pretrained("tiny")
     tok = chat_tokenizer(tiny.tokenizer)
     model = add_token_embeddings(tiny.model, tok.vocab_size)
-    task = instruction_task(n_train=4000, n_test=args.n_test, seed=args.seed)
+    task = instruction_task(n_train=8000, n_test=800, seed=args.seed)  # 200 held-out prompts per kind
+    sft_data, rl_prompts = task.train[:4000], [reword(ex) for ex in task.train[4000:]]
+    kinds = ("add", "larger", "reverse", "count")
+    test = {k: [ex for ex in task.test if kind_of(ex) == k] for k in kinds}
 
     def report(stage, seconds):
         # answers have at most 5 digits: 6 tokens with EOS, 7 leaves room to see a rambling reply
-        by_kind = {k: evaluate_chat(model, tok, [e for e in task.test if kind_of(e) == k], max_new_tokens=7)
-                   for k in ("add", "larger", "reverse", "count")}
-        overall = sum(by_kind.values()) / len(by_kind)  # kinds are equally represented
-        print(f"{stage:<5} held-out exact match {overall:6.1%}  " +
-              "  ".join(f"{k} {v:.0%}" for k, v in by_kind.items()) + f"   ({seconds:.0f} s)", flush=True)
-        return overall
+        scores = {}
+        for wording, reworded in (("first", False), ("second", True)):
+            scores[wording] = {k: evaluate_chat(model, tok, [reword(e) if reworded else e for e in test[k]], max_new_tokens=7)
+                               for k in kinds}
+            print(f"{stage:<5} held-out exact match, {wording:<6} wording: " +
+                  "  ".join(f"{k} {v:4.0%}" for k, v in scores[wording].items()) +
+                  f"  | mean {sum(scores[wording].values()) / 4:4.0%}   ({seconds:.0f} s)", flush=True)
+        return scores
 
     started = time.perf_counter()
     scores = {"base": report("base", 0)}
     t = time.perf_counter()
     sft = TrainConfig(max_steps=args.sft_steps, lr=args.sft_lr, min_lr=args.sft_lr / 10, warmup_steps=args.sft_steps // 10,
                       weight_decay=0.0, seed=args.seed, progress=False)
-    Trainer(model, sft, TaskBatches(tok, chat_examples(task.train), batch_size=32, seed=args.seed)).fit()
+    Trainer(model, sft, TaskBatches(tok, chat_examples(sft_data), batch_size=32, seed=args.seed)).fit()
     scores["sft"] = report("SFT", time.perf_counter() - t)
     t = time.perf_counter()
-    trainer = GRPOTrainer(model, tok, task.train, GRPOConfig(steps=args.grpo_steps, lr=args.grpo_lr, max_new_tokens=7,
-                                                                 seed=args.seed))
+    trainer = GRPOTrainer(model, tok, rl_prompts, GRPOConfig(steps=args.grpo_steps, lr=args.grpo_lr, max_new_tokens=7,
+                                                             kl_coef=args.kl_coef, seed=args.seed))
     trainer.fit(progress=False)
     scores["grpo"] = report("GRPO", time.perf_counter() - t)
     h = trainer.history
@@ -279,8 +302,9 @@ def main(argv=None):
     print(f"GRPO sampled reward {mean('reward', h[:k]):.2f} (first {k} steps) -> {mean('reward', h[-k:]):.2f} (last {k}); "
           f"zero-variance groups {mean('zero_variance_groups', h[:k]):.0%} -> {mean('zero_variance_groups', h[-k:]):.0%}; "
           f"KL to reference {mean('kl', h[-k:]):.4f} (last {k})")
-    print(f"GRPO gain {100 * (scores['grpo'] - scores['sft']):+.1f} points held-out; total wall time "
-          f"{time.perf_counter() - started:.0f} s on {args.threads} threads")
+    gain = {k: round(100 * (scores["grpo"]["second"][k] - scores["sft"]["second"][k])) for k in kinds}
+    print(f"GRPO gain in the second wording (points): {gain}; total wall time {time.perf_counter() - started:.0f} s "
+          f"on {args.threads} thread(s)")
     return scores
 
 

@@ -16,13 +16,15 @@ and use the Hugging Face causal-LM label convention of `deepseek_mini.train`.
 
 `instruction_task` is a family of four verifiable instructions on numbers (add, larger of two,
 reverse the digits, count a digit), written in words, for chat fine-tuning (`chat.py`) and
-RL with a rule-based reward (`grpo.py`). Numbers are read digit by digit: `digit_tokenizer`
+RL with a rule-based reward (`grpo.py`); `reword` writes the same instruction in a second wording
+("Add 47 and 85."), to test a model on phrasings it was not fine-tuned on. Numbers are read digit by digit: `digit_tokenizer`
 keeps a BPE tokenizer's merges but splits every number into single digits (as DeepSeek LLM and
 LLaMA do), so "385" is always the three tokens 3, 8, 5 instead of whatever merges the corpus
 happened to learn ("12", "00", "64", ...): the same digit always looks the same to the model.
 """
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -178,8 +180,30 @@ def instruction_task(kinds=tuple(INSTRUCTIONS), n_digits: int = 2, n_train: int 
 
 
 def kind_of(example: Example) -> str:
-    """Which instruction an `instruction_task` example is (its first word tells)."""
-    return {"What": "add", "Which": "larger", "Reverse": "reverse", "How": "count"}[example.prompt.split()[0]]
+    """Which instruction an `instruction_task` example is, in either wording (its first word tells)."""
+    return {"What": "add", "Which": "larger", "Reverse": "reverse", "How": "count",
+            "Add": "add", "Of": "larger", "Write": "reverse", "Count": "count"}[example.prompt.split()[0]]
+
+
+# A second wording of each instruction: the same request as users might phrase it, for measuring
+# what a model trained on the first wording does with another (assignment 15).
+REWORDINGS = {
+    "add": (re.compile(r"What is (\d+) \+ (\d+)\?"), "Add {} and {}."),
+    "larger": (re.compile(r"Which is larger, (\d+) or (\d+)\?"), "Of {} and {}, which is bigger?"),
+    "reverse": (re.compile(r"Reverse the digits of (\d+)\."), "Write {} backwards."),
+    "count": (re.compile(r"How many (\d)s are in (\d+)\?"), "Count the {}s in {}."),
+}
+
+
+def reword(example: Example) -> Example:
+    """The same instruction and answer in the second wording: "What is 47 + 85?" -> "Add 47 and 85.",
+    "Which is larger, 47 or 85?" -> "Of 47 and 85, which is bigger?", "Reverse the digits of 4071."
+    -> "Write 4071 backwards.", "How many 7s are in 37172?" -> "Count the 7s in 37172."."""
+    pattern, template = REWORDINGS[kind_of(example)]
+    match = pattern.fullmatch(example.prompt)
+    if match is None:
+        raise ValueError(f"reword: not an instruction_task prompt in the first wording: {example.prompt!r}")
+    return Example(template.format(*match.groups()), example.answer)
 
 
 def exact_match(predictions, answers) -> float:

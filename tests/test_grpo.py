@@ -162,3 +162,36 @@ def test_grpo_raises_a_verifiable_reward(setup):
     assert all(not p.requires_grad for p in trainer.reference.parameters())
     with pytest.raises(ValueError, match="fewer than prompts_per_step"):
         GRPOTrainer(model, tok, task.train[:2], config)
+
+
+def test_trainer_uses_the_pieces_it_is_given(setup):
+    """reward_fn, advantage_fn and loss_fn are the ones the trainer calls (assignment 15 trains with
+    the learner's), and the history says which prompts were drawn and what each group scored."""
+    import copy
+
+    task, tok, model = setup
+    model = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = {"advantage": 0, "loss": 0}
+
+    def advantage_fn(rewards):
+        calls["advantage"] += 1
+        return group_advantages(rewards)
+
+    def no_op_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef):
+        calls["loss"] += 1
+        assert (clip_eps, kl_coef) == (0.3, 0.5), "the config's clip_eps and kl_coef are passed on"
+        return (logp * mask).sum() * 0.0, {}  # no gradient signal and no stats
+
+    config = GRPOConfig(steps=2, prompts_per_step=3, group_size=4, max_new_tokens=3, lr=1e-2, clip_eps=0.3,
+                        kl_coef=0.5, seed=1)
+    trainer = GRPOTrainer(model, tok, task.train, config, reward_fn=lambda text, answer: float(len(text) % 2),
+                          advantage_fn=advantage_fn, loss_fn=no_op_loss).fit(progress=False)
+    assert calls == {"advantage": 2, "loss": 2}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "a zero loss must not move the model"
+    for record in trainer.history:
+        assert len(record["examples"]) == 3 and all(0 <= i < len(task.train) for i in record["examples"])
+        rewards = torch.tensor(record["group_rewards"])
+        assert rewards.shape == (3, 4) and abs(rewards.mean().item() - record["reward"]) < 1e-6
+        assert record["zero_variance_groups"] == (rewards.std(dim=1) == 0).float().mean().item()
+        assert record["kl"] == 0.0 and record["clip_fraction"] == 0.0, "measured by the trainer: policy == reference"

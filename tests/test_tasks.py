@@ -260,3 +260,20 @@ def test_digit_string_prompts_read_one_token_per_digit():
         answer_pieces = [digits.decode([i]) for i in ids[n_prompt:]]
         assert [p for p in answer_pieces if p.isdigit()] == list(ex.answer.strip()), answer_pieces
         assert digits.decode(ids) == ex.text and labels.count(-100) == n_prompt
+
+
+def test_reword_keeps_the_instruction_and_answer():
+    from deepseek_mini.tasks import Example, instruction_task, kind_of, reword
+
+    task = instruction_task(n_train=40, n_test=8, seed=3)
+    for ex in task.train + task.test:
+        new = reword(ex)
+        assert new.answer == ex.answer and new.prompt != ex.prompt and kind_of(new) == kind_of(ex)
+        numbers = lambda text: [w.strip("?.,") for w in text.split() if w.strip("?.,").isdigit()]  # noqa: E731
+        assert numbers(new.prompt) == numbers(ex.prompt) or kind_of(ex) == "count", (ex, new)
+    assert reword(Example("What is 47 + 85?", "132")).prompt == "Add 47 and 85."
+    assert reword(Example("Which is larger, 47 or 85?", "85")).prompt == "Of 47 and 85, which is bigger?"
+    assert reword(Example("Reverse the digits of 0401.", "1040")).prompt == "Write 0401 backwards."
+    assert reword(Example("How many 7s are in 37172?", "2")).prompt == "Count the 7s in 37172."
+    with pytest.raises(ValueError, match="first wording"):
+        reword(Example("What is 4 + ?", "4"))
