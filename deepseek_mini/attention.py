@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini.kernels._checks import fusable
+from deepseek_mini import ops
 from deepseek_mini.layers import RMSNorm
 from deepseek_mini.rope import apply_rope
 
@@ -55,7 +55,14 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     (GQA; Hkv = 1 is MQA). `window=W`: the query at position i sees keys i-W < j <= i.
     `scale` defaults to 1/sqrt(D). Returns out [B, Hq, S, Dv] (and the weights [B, Hq, S, T] if
     `return_weights`). The softmax runs in (at least) float32.
+
+    Runs through ops.attention: flash attention on CUDA, `attention_reference` below on CPU.
     """
+    return ops.attention(q, k, v, causal=causal, window=window, scale=scale, return_weights=return_weights)
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None):
+    """Raise a clear error unless q, k, v fit the contract of scaled_dot_product_attention."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"scaled_dot_product_attention: {name} must be 4-D [batch, heads, seq, dim], "
@@ -82,13 +89,13 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             raise ValueError("scaled_dot_product_attention: window needs causal=True (it looks back only)")
         if int(window) != window or window < 1:
             raise ValueError(f"scaled_dot_product_attention: window must be a positive int, got {window!r}")
-    if scale is None:
-        scale = D ** -0.5
-    if not return_weights and max(D, v.shape[-1]) <= 256 and fusable(q, k, v):
-        # CUDA -> flash attention (deepseek_mini/kernels/flash_attention.py): same math, no S x T matrix
-        from deepseek_mini.kernels.flash_attention import flash_attention
-        return flash_attention(q, k, v, causal=causal, window=window, scale=scale)
 
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                        window: int | None = None, scale: float, return_weights: bool = False):
+    """The math of scaled_dot_product_attention (inputs already checked, scale given)."""
+    Hq, S, T = q.shape[1], q.shape[2], k.shape[2]
+    Hkv = k.shape[1]
     # GQA/MQA: each key/value head serves a group of consecutive query heads.
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -291,17 +298,8 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe)
             w_uk, w_uv = self.up_projections()
             q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-            if S == 1 and not self.keep_attention and not torch.is_grad_enabled() and fusable(q_latent, c_kv, k_pe):
-                # one new token (generation): the memory-bound decode kernel reads the cache once
-                # without concatenating it (deepseek_mini/kernels/mla_decode.py)
-                from deepseek_mini.kernels.mla_decode import mla_decode
-                out = mla_decode(q_latent[:, :, 0], q_pe[:, :, 0], c_kv[:, 0], k_pe[:, 0],
-                                 scale=self.softmax_scale)[:, :, None]
-            else:
-                q = torch.cat((q_latent, q_pe), dim=-1)
-                k = torch.cat((c_kv, k_pe), dim=-1)
-                out = keep_weights(self, scaled_dot_product_attention(
-                    q, k, c_kv, causal=True, scale=self.softmax_scale, return_weights=self.keep_attention))
+            out = keep_weights(self, ops.latent_attention(q_latent, q_pe, c_kv, k_pe, scale=self.softmax_scale,
+                                                          return_weights=self.keep_attention))
             out = torch.einsum("bhsr,hvr->bhsv", out, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))
 

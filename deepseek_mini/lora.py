@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepseek_mini.kernels._checks import fusable
+from deepseek_mini import ops
 from deepseek_mini.quant import QuantLinear, _check_names, name_matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -33,15 +33,19 @@ PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> your model
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """x W^T + b + scaling * (x A^T) B^T, never forming the [out, in] product B A."""
+    """x W^T + b + scaling * (x A^T) B^T, never forming the [out, in] product B A: the reference,
+    whatever the device (`ops.lora_linear` picks the fused kernel on CUDA)."""
+    check_lora_linear(weight, lora_A, lora_B)
+    return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
+
+
+def check_lora_linear(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0] or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"lora_A must be [r, in={weight.shape[1]}] and lora_B [out={weight.shape[0]}, r], "
                          f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
-    # the fused kernel wants one dtype throughout; under autocast the reference lets torch cast
-    if fusable(x) and not torch.is_autocast_enabled(x.device.type):
-        from deepseek_mini.kernels.fused_lora import fused_lora_linear
 
-        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_A), lora_B) * scaling
 
 
@@ -91,7 +95,7 @@ class LoRALinear(nn.Module):
         # need the two paths apart; otherwise one lora_linear call (fused on a GPU)
         if isinstance(self.base, QuantLinear) or (isinstance(self.dropout, nn.Dropout) and self.training):
             return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
-        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+        return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
 
     def _check_mergeable(self, action: str):
         if isinstance(self.base, QuantLinear):

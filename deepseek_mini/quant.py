@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini.kernels._checks import fusable
+from deepseek_mini import ops
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -311,6 +311,23 @@ def quantization_error(w: torch.Tensor, w_hat: torch.Tensor, name: str = "", sch
 # QuantLinear and quantize_model
 # ---------------------------------------------------------------------------------------------
 
+def check_quant_linear(layer: "QuantLinear", x: torch.Tensor):
+    _check_input(x)
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"x must have last dimension in_features={layer.in_features}, got {tuple(x.shape)}")
+
+
+def quant_linear_reference(layer: "QuantLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b with the whole weight dequantized; with FP8 activations x is first rounded to
+    FP8 and back, the gradient passing straight through the rounding."""
+    if layer.fp8_activations:
+        with torch.no_grad():
+            rounded = dequantize_fp8_activation(*quantize_fp8_activation(x, layer.block_size), layer.block_size,
+                                                x.dtype)
+        x = x + (rounded - x).detach() if x.requires_grad else rounded
+    return F.linear(x, layer.dequantize_weight(x.dtype), bias)
+
+
 def _check_input(x: torch.Tensor):
     """A quantized layer computes in its input's dtype: an integer input would dequantize the
     weight to integers (all zeros), so it is refused. Only the dtype is read: no device sync."""
@@ -407,33 +424,7 @@ class QuantLinear(nn.Module):
         return dequantize_fp8_block(self.weight, self.weight_scale_inv, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.fp8_activations:
-            # the FP8 GEMM kernel has no backward: use it only when no gradient is wanted
-            wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-            if fusable(x) and not wants_grad:
-                from deepseek_mini.kernels.quant_matmul import fp8_block_linear
-
-                return fp8_block_linear(x.contiguous(), self.weight, self.weight_scale_inv, self.block_size, bias)
-            # round x to FP8 and back; the gradient passes straight through the rounding
-            with torch.no_grad():
-                rounded = dequantize_fp8_activation(*quantize_fp8_activation(x, self.block_size), self.block_size,
-                                                    x.dtype)
-            x = x + (rounded - x).detach() if x.requires_grad else rounded
-            return F.linear(x, self.dequantize_weight(x.dtype), bias)
-        if fusable(x):  # dequantize tile by tile in registers, never the whole weight
-            from deepseek_mini.kernels import quant_matmul as kernels
-
-            x = x.contiguous()
-            if self.scheme == "int4":
-                return kernels.int4_matmul(x, self.weight, self.weight_scale, self.group_size, bias)
-            if self.scheme == "fp8":
-                return kernels.fp8_weight_matmul(x, self.weight, self.weight_scale_inv, self.block_size, bias)
-            return kernels.int8_matmul(x, self.weight, self.weight_scale, getattr(self, "weight_zero_point", None), bias)
-        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        return ops.quant_linear(self, x)
 
     def _apply(self, fn, recurse=True):
         # model.half() / .to(torch.bfloat16) would also cast the codes (float8 counts as a float
@@ -480,14 +471,8 @@ class QuantExperts(nn.Module):
                      for layers in (self.gate_projs, self.up_projs, self.down_projs))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        from deepseek_mini.moe import routed_experts
-
         _check_input(x)
-        weights = self.dequantize_weights(x.dtype)
-        if fusable(x):
-            from deepseek_mini.kernels.fused_moe import fused_moe
-            return fused_moe(x, topk_idx, topk_weight, *weights)
-        return routed_experts(x, topk_idx, topk_weight, *weights)
+        return ops.routed_experts(x, topk_idx, topk_weight, *self.dequantize_weights(x.dtype))
 
 
 def name_matches(name: str, patterns) -> bool:
