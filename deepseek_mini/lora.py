@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deepseek_mini import ops
-from deepseek_mini.quant import QuantLinear, _check_names, name_matches
+from deepseek_mini.quant import QuantLinear
+from deepseek_mini.surgery import check_names, find_modules, name_matches, replace_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -127,11 +128,6 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear in the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -142,10 +138,10 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
     """Wrap each nn.Linear / QuantLinear whose name equals or ends with one of `target_modules`
     (e.g. ["q_b_proj", "kv_b_proj", "o_proj"], as in peft) in a LoRALinear, in place, and freeze
     every other parameter of the model. Returns the model."""
-    targets = _check_names("target_modules", target_modules)
+    targets = check_names("target_modules", target_modules)
     if not targets:
         raise ValueError("target_modules is empty; name the linear layers to adapt, e.g. ['o_proj']")
-    matches = [(name, m) for name, m in model.named_modules() if name and name_matches(name, targets)]
+    matches = find_modules(model, lambda name, m: name_matches(name, targets))
     if not matches:
         raise ValueError(f"no module of the model matches target_modules={targets}")
     for name, m in matches:
@@ -164,7 +160,7 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
         for name, m in matches:
             layer = LoRALinear(m, r, alpha, dropout, use_rslora)
             layer.weight_is_shared = isinstance(m.weight, nn.Parameter) and uses[id(m.weight)] > 1
-            _set_module(model, name, layer)
+            replace_module(model, name, layer)
     except BaseException:
         _remove_adapters(model, [name for name, _ in matches], before)  # e.g. a bad r: the model is as it was
         raise
@@ -179,7 +175,7 @@ def _remove_adapters(model: nn.Module, names, requires_grad: dict) -> None:
     """Undo inject_lora on `names`: put their base layers back and every requires_grad flag as it was."""
     for name, layer in lora_layers(model).items():
         if name in names:
-            _set_module(model, name, layer.base)
+            replace_module(model, name, layer.base)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(requires_grad.get(name, p.requires_grad))
 
@@ -208,7 +204,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         if not layer.merged:
             layer.merge()
-        _set_module(model, name, layer.base)
+        replace_module(model, name, layer.base)
     return model
 
 

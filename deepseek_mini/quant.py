@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini import ops
+from deepseek_mini.surgery import check_names, find_modules, name_matches, replace_module  # noqa: F401 (name_matches: public here too)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -475,19 +476,6 @@ class QuantExperts(nn.Module):
         return ops.routed_experts(x, topk_idx, topk_weight, *self.dequantize_weights(x.dtype))
 
 
-def name_matches(name: str, patterns) -> bool:
-    """True when a module name equals one of the patterns or ends with '.' + pattern (peft's
-    rule for a list of target modules): 'o_proj' matches 'layers.0.self_attn.o_proj'."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _check_names(arg: str, names) -> list:
-    if isinstance(names, str) or not all(isinstance(p, str) for p in names):
-        raise TypeError(f"{arg} must be a list of module names or name suffixes, e.g. ['q_proj', 'o_proj'], "
-                        f"got {names!r}")
-    return list(names)
-
-
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, block_size: int = 128,
                    per_channel: bool = True, skip=(), experts: bool = True,
                    fp8_activations: bool = False) -> list[QuantError]:
@@ -502,16 +490,15 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, bloc
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if fp8_activations and scheme != "fp8":
         raise ValueError(f"fp8_activations=True needs scheme='fp8', got scheme={scheme!r}")
-    skip = _check_names("skip", skip)
+    skip = check_names("skip", skip)
     if scheme == "int4":
         _check_group_value(group_size)
     if scheme == "fp8":
         _check_block_size(block_size)
     kinds = (nn.Linear, Experts) if experts else (nn.Linear,)
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, kinds) and not name_matches(name, skip)]
-    if any(name == "" for name, _ in targets):
+    if isinstance(model, kinds):
         raise TypeError("model is itself the layer to quantize; use QuantLinear.from_linear(model, scheme)")
+    targets = find_modules(model, lambda name, m: isinstance(m, kinds) and not name_matches(name, skip))
     if scheme == "int4":  # fail before changing anything
         for name, m in targets:
             widths = [m.in_features] if isinstance(m, nn.Linear) else [m.gate_proj.shape[2], m.down_proj.shape[2]]
@@ -529,6 +516,5 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, bloc
             for tensor_name, w_hat in zip(("gate_proj", "up_proj", "down_proj"), new.dequantize_weights()):
                 w = getattr(module, tensor_name).detach()
                 report.append(quantization_error(w, w_hat, f"{name}.{tensor_name}", scheme))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        replace_module(model, name, new)
     return report
