@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini import ops
-
 
 def check_rms_norm(x: torch.Tensor, weight: torch.Tensor):
     if weight.shape != x.shape[-1:]:
@@ -71,3 +69,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+# Imported last: ops imports this module, and modules that import names from this one.
+from deepseek_mini import ops  # noqa: E402

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini import ops
 from deepseek_mini.surgery import check_names, find_modules, name_matches, replace_module  # noqa: F401 (name_matches: public here too)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -518,3 +517,7 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, bloc
                 report.append(quantization_error(w, w_hat, f"{name}.{tensor_name}", scheme))
         replace_module(model, name, new)
     return report
+
+
+# Imported last: ops imports this module, and modules that import names from this one.
+from deepseek_mini import ops  # noqa: E402

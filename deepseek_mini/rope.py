@@ -20,7 +20,6 @@ import math
 
 import torch
 
-from deepseek_mini import ops
 
 # The keys a `scaling` dict (HF `rope_scaling` / `rope_parameters`) may carry. Anything else is
 # refused rather than silently ignored, because it would change the math.
@@ -159,3 +158,7 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """RoPE (see apply_rope_reference): the fused kernel on CUDA, the reference on CPU."""
     return ops.apply_rope(x, cos, sin, interleaved)
+
+
+# Imported last: ops imports this module, and modules that import names from this one.
+from deepseek_mini import ops  # noqa: E402
