@@ -89,20 +89,23 @@ def routed_experts_loop(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
 
 
 def grouped_supported(x, gate_proj, up_proj, down_proj) -> bool:
-    """Can torch._grouped_mm run these experts here? It takes float32 (and 16-bit floats whose
-    rows are multiples of 16 bytes), not float64; old torch versions lack it."""
-    if not hasattr(torch, "_grouped_mm") or not (x.dtype == gate_proj.dtype == up_proj.dtype == down_proj.dtype):
+    """Can torch._grouped_mm run these experts? It takes one dtype among float32, bfloat16 and
+    float16 (not float64), and rows a multiple of 16 bytes long (dim and inter sizes); the
+    weights must be contiguous. Torch versions without it say no."""
+    tensors = (x, gate_proj, up_proj, down_proj)
+    if not hasattr(torch, "_grouped_mm") or len({t.dtype for t in tensors}) > 1:
         return False
-    if x.dtype == torch.float32:
-        return True
-    return x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] % 8 == 0 and gate_proj.shape[1] % 8 == 0
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    rows_aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], gate_proj.shape[1]))
+    return rows_aligned and all(w.is_contiguous() for w in tensors[1:])
 
 
 def routed_experts_grouped(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
     """All experts in three grouped matmuls: sort the (token, slot) pairs by expert, so that each
     expert's rows are one contiguous run, and let `torch._grouped_mm` run every expert's matmul
     on its run in one call (no Python loop over experts). Same result as routed_experts_loop."""
-    N, K = topk_idx.shape
+    K = topk_idx.shape[1]
     order = topk_idx.flatten().argsort(stable=True)       # pairs grouped by expert
     token = order // K                                    # pair p = token * K + slot
     counts = torch.bincount(topk_idx.flatten(), minlength=gate_proj.shape[0])

@@ -99,6 +99,9 @@ def test_grouped_expert_reference_matches_the_loop_in_value_and_gradient():
     torch.testing.assert_close(moe.routed_experts_grouped(tensors[0], idx, *tensors[1:]),
                                moe.routed_experts_loop(tensors[0], idx, *tensors[1:]), atol=1e-5, rtol=1e-5)
     assert not moe.grouped_supported(*(t.double() for t in (tensors[0], *tensors[2:])))
+    # rows of 5 floats (20 bytes) are not a multiple of 16 bytes: the grouped matmul refuses them
+    assert not moe.grouped_supported(torch.randn(3, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.randn(2, 5, 4))
+    assert moe.grouped_supported(torch.randn(3, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 8, 4))
 
 
 def test_ops_routed_experts_picks_the_grouped_reference_for_training_and_the_loop_for_big_inference(monkeypatch):

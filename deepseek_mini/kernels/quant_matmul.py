@@ -39,10 +39,10 @@ import triton.language as tl
 from deepseek_mini.backend import interpreting
 from deepseek_mini.kernels._checks import check_same_device, check_tensor, float_tensors
 from deepseek_mini.kernels.launch import autotune, config, grid_2d, sm_count
+from deepseek_mini.quant_formats import (FP8_DTYPE, dequantize_fp8_block, dequantize_int4, dequantize_int8,
+                                         quantize_fp8_activation)
 
 OP = "quant_matmul"
-FP8_DTYPE = torch.float8_e4m3fn
-
 
 # Batches above GEMV_MAX_M rows get ordinary autotuned GEMM tiles.
 _LARGE_M = [config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
@@ -357,7 +357,6 @@ def int8_matmul(x, q, scale, zero_point=None, bias=None):
     if zero_point is not None and zero_point.shape != scale.shape:
         raise ValueError(f"{op}: zero_point must have the shape of scale {tuple(scale.shape)}, got {tuple(zero_point.shape)}")
     check_same_device(op, x=x, q=q, scale=scale, zero_point=zero_point, bias=bias)
-    from deepseek_mini.quant import dequantize_int8
 
     def launch(x_, b_):
         return _weight_only(x_, q, scale, zero_point, b_, group_n=1, group_k=None, int4=False, k=k)
@@ -379,7 +378,6 @@ def int4_matmul(x, packed, scales, group_size=128, bias=None):
         raise ValueError(f"{op}: group_size must be a positive integer dividing K={k}, got {group_size!r}")
     check_tensor(op, "scales", scales, shape=(n, k // group_size), dtypes=None, contiguous=False)
     check_same_device(op, x=x, packed=packed, scales=scales, bias=bias)
-    from deepseek_mini.quant import dequantize_int4
 
     def launch(x_, b_):
         return _weight_only(x_, packed, scales, None, b_, group_n=1, group_k=group_size, int4=True, k=k)
@@ -401,7 +399,6 @@ def fp8_weight_matmul(x, w_fp8, scale_inv, block_size=128, bias=None):
     check_tensor(op, "scale_inv", scale_inv, shape=(triton.cdiv(n, block_size), triton.cdiv(k, block_size)),
                  dtypes=(torch.float32,), contiguous=False)
     check_same_device(op, x=x, w_fp8=w_fp8, scale_inv=scale_inv, bias=bias)
-    from deepseek_mini.quant import dequantize_fp8_block
 
     def launch(x_, b_):
         return _weight_only(x_, w_fp8, scale_inv, None, b_, group_n=block_size, group_k=block_size, int4=False, k=k)
@@ -447,7 +444,6 @@ def fp8_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block_size=128, out_dtype
 def fp8_block_linear(x, w_fp8, w_scale_inv, block_size=128, bias=None):
     """x [..., K] float -> FP8 activations in 1 x block_size tiles (`quant.quantize_fp8_activation`),
     then `fp8_block_gemm` against the FP8 weight; result in x's dtype (+ bias)."""
-    from deepseek_mini.quant import quantize_fp8_activation
 
     check_tensor("fp8_block_linear", "x", x)
     x_fp8, x_scale = quantize_fp8_activation(x.reshape(-1, x.shape[-1]), block_size)
