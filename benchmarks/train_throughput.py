@@ -72,7 +72,8 @@ def interleaved_generation_tokens_per_second(models: dict, prompt, new_tokens: i
                 if name == "ours":
                     out[name] = model.generate(prompt, new_tokens)
                 else:
-                    out[name] = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    out[name] = model.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0,
+                                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                do_sample=False, use_cache=True)
                 if step:
                     times[name].append(time.perf_counter() - start)
