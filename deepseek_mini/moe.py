@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 
 from deepseek_mini import ops
 from deepseek_mini.layers import MLP, swiglu_reference
@@ -86,6 +87,23 @@ def routed_experts_loop(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
         out = F.linear(swiglu_reference(F.linear(h, gate_proj[e]), F.linear(h, up_proj[e])), down_proj[e])
         y.index_add_(0, token, (out * topk_weight[token, slot, None]).to(y.dtype))
     return y
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm, which torch's FlopCounterMode does not count by itself (a model
+    on the grouped experts would look cheaper than on the loop). Groups split the rows of a 2-D
+    operand, so each operand element meets the other's columns of its own group only."""
+    if len(a_shape) == 2 and len(b_shape) == 3:   # [M, K] x [E, K, N]: each row through its expert
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:   # [K, M] x [M, N] -> [E, K, N]: weight gradients
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(b_shape) == 2:                         # [E, M, K] x [K, N]
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # [E, M, K] x [E, K, N]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm") and not any("_grouped_mm" in str(op) for op in flop_counter.flop_registry):
+    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
 
 
 def grouped_supported(x, gate_proj, up_proj, down_proj) -> bool:

@@ -104,6 +104,21 @@ def test_grouped_expert_reference_matches_the_loop_in_value_and_gradient():
     assert moe.grouped_supported(torch.randn(3, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 8, 4))
 
 
+def test_flop_counter_counts_the_grouped_experts_like_the_loop():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    idx, weight = _routing(12, 4, 2)
+    tensors = [torch.randn(12, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True),
+               torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 16, 8, requires_grad=True)]
+    counts = []
+    for fn in (moe.routed_experts_loop, moe.routed_experts_grouped):
+        with FlopCounterMode(display=False) as counter:
+            y = fn(tensors[0], idx, weight, *tensors[1:])
+            (y * y).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * (2 * 12 * 2 * 3 * 16 * 8), counts  # 3x the forward's matmuls
+
+
 def test_ops_routed_experts_picks_the_grouped_reference_for_training_and_the_loop_for_big_inference(monkeypatch):
     grouped = _spy(monkeypatch, moe, "routed_experts_grouped")
     loop = _spy(monkeypatch, moe, "routed_experts_loop")
