@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_mini.kernels._checks import fusable
+from deepseek_mini import ops
 from deepseek_mini.layers import RMSNorm
 from deepseek_mini.rope import apply_rope
 
@@ -57,7 +57,14 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     (GQA; Hkv = 1 is MQA). `window=W`: the query at position i sees keys i-W < j <= i.
     `scale` defaults to 1/sqrt(D). Returns out [B, Hq, S, Dv] (and the weights [B, Hq, S, T] if
     `return_weights`). The softmax runs in (at least) float32.
+
+    Runs through ops.attention: flash attention on CUDA, `attention_reference` below on CPU.
     """
+    return ops.attention(q, k, v, causal=causal, window=window, scale=scale, return_weights=return_weights)
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None):
+    """Raise a clear error unless q, k, v fit the contract of scaled_dot_product_attention."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"scaled_dot_product_attention: {name} must be 4-D [batch, heads, seq, dim], "
@@ -84,13 +91,13 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             raise ValueError("scaled_dot_product_attention: window needs causal=True (it looks back only)")
         if int(window) != window or window < 1:
             raise ValueError(f"scaled_dot_product_attention: window must be a positive int, got {window!r}")
-    if scale is None:
-        scale = D ** -0.5
-    if not return_weights and max(D, v.shape[-1]) <= 256 and fusable(q, k, v):
-        # CUDA -> flash attention (deepseek_mini/kernels/flash_attention.py): same math, no S x T matrix
-        from deepseek_mini.kernels.flash_attention import flash_attention
-        return flash_attention(q, k, v, causal=causal, window=window, scale=scale)
 
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                        window: int | None = None, scale: float, return_weights: bool = False):
+    """The math of scaled_dot_product_attention (inputs already checked, scale given)."""
+    Hq, S, T = q.shape[1], q.shape[2], k.shape[2]
+    Hkv = k.shape[1]
     # GQA/MQA: each key/value head serves a group of consecutive query heads.
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -147,6 +154,23 @@ class Attend(nn.Module):
 
     def forward(self, q, k, v, *, causal: bool = True, window: int | None = None, scale: float | None = None):
         return scaled_dot_product_attention(q, k, v, causal=causal, window=window, scale=scale)
+
+    def weights(self, q, k, v, *, causal: bool = True, window: int | None = None, scale: float | None = None):
+        """The attention weights [B, H, S, T] of a call with these arguments (reference formula)."""
+        return scaled_dot_product_attention(q, k, v, causal=causal, window=window, scale=scale, return_weights=True)[1]
+
+
+class LatentAttend(Attend):
+    """Absorbed MLA's attention (`ops.latent_attention`) as a module: queries [q_latent, q_rope]
+    over keys [kv_latent, k_rope] whose values are kv_latent. A hook sees the latent inputs, and
+    `weights` rebuilds the weights even when a GPU ran the one-token decode kernel, which forms none."""
+
+    def forward(self, q_latent, q_rope, kv_latent, k_rope, *, scale: float):
+        return ops.latent_attention(q_latent, q_rope, kv_latent, k_rope, scale=scale)
+
+    def weights(self, q_latent, q_rope, kv_latent, k_rope, *, scale: float):
+        q, k = torch.cat((q_latent, q_rope), dim=-1), torch.cat((kv_latent, k_rope), dim=-1)
+        return super().weights(q, k, kv_latent, causal=True, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +257,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(kv_lora_rank)
         self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=bias)
-        self.attend = Attend()
+        self.attend, self.attend_latent = Attend(), LatentAttend()
 
     def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, dim] -> q_nope [B, H, S, nope], q_pe [B, H, S, rope] (before RoPE)."""
@@ -288,16 +312,7 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe)
             w_uk, w_uv = self.up_projections()
             q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
-            if S == 1 and not torch.is_grad_enabled() and fusable(q_latent, c_kv, k_pe):
-                # one new token (generation): the memory-bound decode kernel reads the cache once
-                # without concatenating it (deepseek_mini/kernels/mla_decode.py)
-                from deepseek_mini.kernels.mla_decode import mla_decode
-                out = mla_decode(q_latent[:, :, 0], q_pe[:, :, 0], c_kv[:, 0], k_pe[:, 0],
-                                 scale=self.softmax_scale)[:, :, None]
-            else:
-                q = torch.cat((q_latent, q_pe), dim=-1)
-                k = torch.cat((c_kv, k_pe), dim=-1)
-                out = self.attend(q, k, c_kv, causal=True, scale=self.softmax_scale)
+            out = self.attend_latent(q_latent, q_pe, c_kv, k_pe, scale=self.softmax_scale)
             out = torch.einsum("bhsr,hvr->bhsv", out, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_head_dim))
 

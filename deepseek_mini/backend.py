@@ -9,10 +9,13 @@ Two environment variables change it, both read once at import:
                                      interpreter, so TRITON_INTERPRET=1 is set for you
 
 The interpreter must be switched on before any @triton.jit runs, which is why this module
-sets TRITON_INTERPRET itself and why `deepseek_mini.kernels` imports it first.
+sets TRITON_INTERPRET itself and why `deepseek_mini.kernels` imports it first. It is the only
+place in the library that sets it: tests and notebooks call `use_interpreter_if_no_gpu()`, and
+everything else asks `interpreting()`.
 """
 
 import os
+import time
 
 _CHOICES = ("auto", "torch", "triton")
 
@@ -29,13 +32,23 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-if BACKEND == "triton" and not _cuda_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def use_interpreter_if_no_gpu() -> bool:
+    """Without CUDA, switch Triton's interpreter on (TRITON_INTERPRET=1) so kernels run on CPU
+    tensors. Call it before `import triton` or any kernel module: @triton.jit reads it once, when
+    a kernel is defined. Returns whether the interpreter is on."""
+    if not _cuda_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return interpreting()
+
 
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET=1):
     launchers then compute in float32 (its bfloat16 math is wrong) with one fixed tile config."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if BACKEND == "triton":
+    use_interpreter_if_no_gpu()
 
 
 def triton_available() -> bool:
@@ -95,3 +108,25 @@ def describe() -> str:
     if _cuda_available():
         return "Triton kernels on CUDA tensors, PyTorch reference on CPU tensors"
     return "PyTorch reference ops on CPU (no CUDA device; Triton kernels run only on a GPU)"
+
+
+def time_it(fn, *, repeats: int = 10, warmup: int = 1) -> float:
+    """Seconds per call of fn(), the mean of `repeats` calls after `warmup` untimed ones.
+    Waits for the GPU before reading the clock (CUDA runs asynchronously), so what is measured
+    is the work, not the launch."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_it: repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    import torch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepseek_mini.kernels._checks import fusable
-from deepseek_mini.quant import QuantLinear, _check_names, name_matches
+from deepseek_mini import ops
+from deepseek_mini.quant import QuantLinear
+from deepseek_mini.surgery import check_names, find_modules, name_matches, replace_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,15 +34,19 @@ PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> your model
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """x W^T + b + scaling * (x A^T) B^T, never forming the [out, in] product B A."""
+    """x W^T + b + scaling * (x A^T) B^T, never forming the [out, in] product B A: the reference,
+    whatever the device (`ops.lora_linear` picks the fused kernel on CUDA)."""
+    check_lora_linear(weight, lora_A, lora_B)
+    return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
+
+
+def check_lora_linear(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0] or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"lora_A must be [r, in={weight.shape[1]}] and lora_B [out={weight.shape[0]}, r], "
                          f"got lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
-    # the fused kernel wants one dtype throughout; under autocast the reference lets torch cast
-    if fusable(x) and not torch.is_autocast_enabled(x.device.type):
-        from deepseek_mini.kernels.fused_lora import fused_lora_linear
 
-        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_A), lora_B) * scaling
 
 
@@ -91,7 +96,7 @@ class LoRALinear(nn.Module):
         # need the two paths apart; otherwise one lora_linear call (fused on a GPU)
         if isinstance(self.base, QuantLinear) or (isinstance(self.dropout, nn.Dropout) and self.training):
             return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
-        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+        return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
 
     def _check_mergeable(self, action: str):
         if isinstance(self.base, QuantLinear):
@@ -123,11 +128,6 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear in the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -138,10 +138,10 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
     """Wrap each nn.Linear / QuantLinear whose name equals or ends with one of `target_modules`
     (e.g. ["q_b_proj", "kv_b_proj", "o_proj"], as in peft) in a LoRALinear, in place, and freeze
     every other parameter of the model. Returns the model."""
-    targets = _check_names("target_modules", target_modules)
+    targets = check_names("target_modules", target_modules)
     if not targets:
         raise ValueError("target_modules is empty; name the linear layers to adapt, e.g. ['o_proj']")
-    matches = [(name, m) for name, m in model.named_modules() if name and name_matches(name, targets)]
+    matches = find_modules(model, lambda name, m: name_matches(name, targets))
     if not matches:
         raise ValueError(f"no module of the model matches target_modules={targets}")
     for name, m in matches:
@@ -160,7 +160,7 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
         for name, m in matches:
             layer = LoRALinear(m, r, alpha, dropout, use_rslora)
             layer.weight_is_shared = isinstance(m.weight, nn.Parameter) and uses[id(m.weight)] > 1
-            _set_module(model, name, layer)
+            replace_module(model, name, layer)
     except BaseException:
         _remove_adapters(model, [name for name, _ in matches], before)  # e.g. a bad r: the model is as it was
         raise
@@ -175,7 +175,7 @@ def _remove_adapters(model: nn.Module, names, requires_grad: dict) -> None:
     """Undo inject_lora on `names`: put their base layers back and every requires_grad flag as it was."""
     for name, layer in lora_layers(model).items():
         if name in names:
-            _set_module(model, name, layer.base)
+            replace_module(model, name, layer.base)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(requires_grad.get(name, p.requires_grad))
 
@@ -204,7 +204,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         if not layer.merged:
             layer.merge()
-        _set_module(model, name, layer.base)
+        replace_module(model, name, layer.base)
     return model
 
 

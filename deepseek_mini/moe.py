@@ -32,9 +32,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 
-from deepseek_mini.kernels._checks import fusable
-from deepseek_mini.layers import MLP, swiglu
+from deepseek_mini import ops
+from deepseek_mini.layers import MLP, swiglu_reference
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +48,15 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
 
     x [N, D]; topk_idx [N, K] int64 expert ids; topk_weight [N, K]; gate_proj, up_proj [E, I, D];
     down_proj [E, D, I]; expert e(x) = down_e(silu(gate_e x) * up_e x). Returns [N, D] in x's dtype.
+    This is the reference loop, whatever the device; `ops.routed_experts` picks the fused kernel
+    on CUDA and the faster of the two references on CPU.
     """
+    check_routed_experts(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
+    return routed_experts_loop(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
+
+
+def check_routed_experts(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
+    """Raise a clear error unless the inputs fit the contract of routed_experts."""
     if x.dim() != 2:
         raise ValueError(f"routed_experts: x must be [tokens, dim], got shape {tuple(x.shape)}")
     N, D = x.shape
@@ -69,13 +78,63 @@ def routed_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
         raise ValueError(f"routed_experts: topk_idx values must lie in [0, {E}), got "
                          f"[{int(topk_idx.min())}, {int(topk_idx.max())}]")
 
+
+def routed_experts_loop(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
+    """One expert at a time: gather its tokens, run its MLP, add the weighted result back."""
     y = torch.zeros_like(x)
     for e in torch.unique(topk_idx).tolist():  # only the experts some token picked
         token, slot = torch.where(topk_idx == e)
         h = x[token]
-        out = F.linear(swiglu(F.linear(h, gate_proj[e]), F.linear(h, up_proj[e])), down_proj[e])
+        out = F.linear(swiglu_reference(F.linear(h, gate_proj[e]), F.linear(h, up_proj[e])), down_proj[e])
         y.index_add_(0, token, (out * topk_weight[token, slot, None]).to(y.dtype))
     return y
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm, which torch's FlopCounterMode does not count by itself (a model
+    on the grouped experts would look cheaper than on the loop). Groups split the rows of a 2-D
+    operand, so each operand element meets the other's columns of its own group only."""
+    if len(a_shape) == 2 and len(b_shape) == 3:   # [M, K] x [E, K, N]: each row through its expert
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:   # [K, M] x [M, N] -> [E, K, N]: weight gradients
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(b_shape) == 2:                         # [E, M, K] x [K, N]
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # [E, M, K] x [E, K, N]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm") and not any("_grouped_mm" in str(op) for op in flop_counter.flop_registry):
+    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+
+
+def grouped_supported(x, gate_proj, up_proj, down_proj) -> bool:
+    """Can torch._grouped_mm run these experts? It takes one dtype among float32, bfloat16 and
+    float16 (not float64), and rows a multiple of 16 bytes long (dim and inter sizes); the
+    weights must be contiguous. Torch versions without it say no."""
+    tensors = (x, gate_proj, up_proj, down_proj)
+    if not hasattr(torch, "_grouped_mm") or len({t.dtype for t in tensors}) > 1:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    rows_aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], gate_proj.shape[1]))
+    return rows_aligned and all(w.is_contiguous() for w in tensors[1:])
+
+
+def routed_experts_grouped(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):
+    """All experts in three grouped matmuls: sort the (token, slot) pairs by expert, so that each
+    expert's rows are one contiguous run, and let `torch._grouped_mm` run every expert's matmul
+    on its run in one call (no Python loop over experts). Same result as routed_experts_loop."""
+    K = topk_idx.shape[1]
+    order = topk_idx.flatten().argsort(stable=True)       # pairs grouped by expert
+    token = order // K                                    # pair p = token * K + slot
+    counts = torch.bincount(topk_idx.flatten(), minlength=gate_proj.shape[0])
+    ends = counts.cumsum(0).to(torch.int32)               # where each expert's run ends
+    h = x[token]
+    gate = torch._grouped_mm(h, gate_proj.transpose(1, 2), offs=ends)
+    up = torch._grouped_mm(h, up_proj.transpose(1, 2), offs=ends)
+    out = torch._grouped_mm(swiglu_reference(gate, up), down_proj.transpose(1, 2), offs=ends)
+    weight = topk_weight.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token, (out * weight).to(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,10 +294,7 @@ class Experts(nn.Module):
             nn.init.normal_(w, std=0.02)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        if fusable(x):
-            from deepseek_mini.kernels.fused_moe import fused_moe
-            return fused_moe(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)
-        return routed_experts(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)
+        return ops.routed_experts(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import math
 
 import torch
 
-from deepseek_mini.kernels._checks import fusable
 
 # The keys a `scaling` dict (HF `rope_scaling` / `rope_parameters`) may carry. Anything else is
 # refused rather than silently ignored, because it would change the math.
@@ -126,11 +125,7 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float = 10000.0,
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [batch, heads, seq, head_dim] by cos/sin [seq, head_dim//2] (the rows of x's positions).
-
-    The result keeps x's layout and dtype (the rotation itself runs in at least float32).
-    """
+def check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     if x.dim() != 4:
         raise ValueError(f"apply_rope: x must be [batch, heads, seq, head_dim], got shape {tuple(x.shape)}")
     seq, head_dim = x.shape[2], x.shape[3]
@@ -140,9 +135,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         if t.shape != (seq, head_dim // 2):
             raise ValueError(f"apply_rope: {name} has shape {tuple(t.shape)}, expected ({seq}, {head_dim // 2}) "
                              f"= (seq of x, head_dim//2)")
-    if fusable(x, cos, sin):  # CUDA -> the fused kernel in deepseek_mini/kernels/rope.py
-        from deepseek_mini.kernels.rope import apply_rope as fused_apply_rope
-        return fused_apply_rope(x, cos, sin, interleaved)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [batch, heads, seq, head_dim] by cos/sin [seq, head_dim//2] (the rows of x's positions).
+
+    The result keeps x's layout and dtype (the rotation itself runs in at least float32).
+    """
+    head_dim = x.shape[3]
     dtype = x.dtype
     compute = torch.promote_types(dtype, torch.float32)  # float32 at least; float64 stays float64
     x, cos, sin = x.to(compute), cos.to(compute), sin.to(compute)
@@ -153,3 +153,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE (see apply_rope_reference): the fused kernel on CUDA, the reference on CPU."""
+    return ops.apply_rope(x, cos, sin, interleaved)
+
+
+# Imported last: ops imports this module, and modules that import names from this one.
+from deepseek_mini import ops  # noqa: E402

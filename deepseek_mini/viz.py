@@ -27,7 +27,7 @@ import io
 
 import torch
 
-from deepseek_mini.attention import Attend, scaled_dot_product_attention
+from deepseek_mini.attention import Attend
 from deepseek_mini.model import record_routing
 
 # Visible stand-ins for characters that would otherwise vanish from a plot's labels.
@@ -74,25 +74,29 @@ class AttentionWeights:
 
     Every `Attend` inside the given modules (a model, a block, one attention layer) is watched.
     The hook recomputes the weights from the q and k the layer handed to attention, with the
-    reference formula: the forward itself may run flash attention, which never forms them.
-    A layer that attended through the fused one-token MLA decode kernel records nothing (None)."""
+    reference formula: the forward itself may run flash attention (or, for one new token of
+    absorbed MLA on a GPU, the decode kernel), which never forms them."""
 
     def __init__(self, *modules):
-        self.attends = [m for module in modules for m in module.modules() if isinstance(m, Attend)]
-        if not self.attends:
+        found = [((k, name.rpartition(".")[0]), m) for k, module in enumerate(modules)
+                 for name, m in module.named_modules() if isinstance(m, Attend)]
+        if not found:
             raise TypeError(f"AttentionWeights: no attention layer (deepseek_mini.attention.Attend) inside "
                             f"{[type(m).__name__ for m in modules]}")
-        self.weights: list[torch.Tensor | None] = [None] * len(self.attends)
+        # one slot per attention layer: MLA owns two Attends (naive and absorbed), one runs per call
+        layers = list(dict.fromkeys(layer for layer, _ in found))
+        self.attends = [(layers.index(layer), m) for layer, m in found]
+        self.weights: list[torch.Tensor | None] = [None] * len(layers)
         self._handles = []
 
     def _record(self, i):
         def hook(module, args, kwargs, out):
             with torch.no_grad():
-                self.weights[i] = scaled_dot_product_attention(*args, **kwargs, return_weights=True)[1]
+                self.weights[i] = module.weights(*args, **kwargs)
         return hook
 
     def __enter__(self) -> "AttentionWeights":
-        self._handles = [m.register_forward_hook(self._record(i), with_kwargs=True) for i, m in enumerate(self.attends)]
+        self._handles = [m.register_forward_hook(self._record(i), with_kwargs=True) for i, m in self.attends]
         return self
 
     def __exit__(self, *exc_info):
@@ -104,8 +108,7 @@ class AttentionWeights:
 def _layer_maps(attention: AttentionWeights) -> list[torch.Tensor]:
     missing = [i for i, w in enumerate(attention.weights) if w is None]
     if missing:
-        raise ValueError(f"attention weights: {len(missing)} attention layer(s) formed none (one token on a GPU "
-                         "runs the fused MLA decode kernel, which has no weight matrix); pass at least two tokens")
+        raise ValueError(f"attention weights: attention layer(s) {missing} were not called by the forward")
     return attention.weights
 
 

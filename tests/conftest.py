@@ -5,14 +5,14 @@ Without CUDA, the Triton interpreter is switched on here, before any test module
 (`with backend.forced("triton")` or by calling a kernel launcher directly).
 """
 
-import os
 import shutil
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from deepseek_mini import backend
+
+backend.use_interpreter_if_no_gpu()
 
 HAS_CUDA = torch.cuda.is_available()
 

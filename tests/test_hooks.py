@@ -160,3 +160,27 @@ def test_input_checks_name_the_problem_on_cpu_and_never_read_values_elsewhere():
     with pytest.raises(ValueError, match="labels must have the shape"):
         check_inputs(config, meta, meta[:, :2])
     causal_lm_loss(torch.zeros(2, 3, 50, device="meta"), torch.full((2, 3), -100, device="meta"))
+
+
+def test_one_token_decode_of_absorbed_mla_records_its_weights(monkeypatch):
+    """On the Triton backend one new token of absorbed MLA runs the decode kernel, which forms no
+    weights; the hook still records them, rebuilt from the latent query and cache it was given."""
+    from deepseek_mini.attention import KVCache, MultiHeadLatentAttention
+    from deepseek_mini.kernels import mla_decode
+
+    torch.manual_seed(5)
+    attn = MultiHeadLatentAttention(32, 2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                    v_head_dim=8, absorb=True).eval()
+    cos, sin = precompute_rope(4, 6)
+    x = torch.randn(1, 6, 32)
+    calls, original = [], mla_decode.mla_decode
+    monkeypatch.setattr(mla_decode, "mla_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        with viz.AttentionWeights(attn) as full:
+            attn(x, cos, sin)  # all six tokens at once: the reference weights
+        cache = KVCache()
+        attn(x[:, :5], cos[:5], sin[:5], cache=cache)
+        with backend.forced("triton"), viz.AttentionWeights(attn) as last:
+            attn(x[:, 5:], cos[5:], sin[5:], cache=cache)
+    assert calls, "one token on the Triton backend goes through the decode kernel"
+    torch.testing.assert_close(last.weights[0], full.weights[0][:, :, 5:], atol=1e-5, rtol=1e-5)

@@ -5,8 +5,6 @@ device gives garbage or a crash, not an error. Each launcher calls these first s
 input fails in Python with a message that names the argument and what was expected.
 """
 
-import functools
-
 import torch
 
 from deepseek_mini import backend
@@ -15,11 +13,10 @@ from deepseek_mini.kernels.guarded import fill_guard
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def fusable(*tensors) -> bool:
-    """Should the library hand these tensors to a fused kernel? Yes on the Triton backend
-    (CUDA tensors, or forced; see deepseek_mini.backend) when every tensor has a dtype the
-    kernels take; anything else (float64 for gradcheck, say) stays on the reference."""
-    return backend.use_triton(*tensors) and all(t.dtype in FLOAT_DTYPES for t in tensors)
+def float_tensors(*tensors) -> bool:
+    """True when every tensor (None skipped) has a dtype the kernels take; anything else
+    (float64 for gradcheck, say) stays on the PyTorch reference. Kernels' supports() start here."""
+    return all(t is None or t.dtype in FLOAT_DTYPES for t in tensors)
 
 
 def check_tensor(op, name, t, *, ndim=None, shape=None, dtypes=FLOAT_DTYPES, contiguous=True):
@@ -66,14 +63,6 @@ def check_same_device(op, **tensors):
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{op}: Triton kernels run on CUDA (or CPU through the interpreter), got {device}")
     return device
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA device, which launchers size their grids by; None for
-    the CPU (the interpreter), where they pick small fixed tiles instead. Cached: launchers ask
-    on every call, and decode calls are microseconds long."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def check_same_dtype(op, **tensors):

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+from deepseek_mini import backend
+
 # H100 / H200: compute capability 9.0 and a warp of 32 threads (what triton's CUDA driver reports
 # for a real device; the third field of GPUTarget is the warp size)
 TARGET = ("cuda", 90, 32)
@@ -107,6 +109,6 @@ def main(specs):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if backend.interpreting():
         sys.exit("aot.py: unset TRITON_INTERPRET (the interpreter replaces the kernels it compiles)")
     main(json.loads(sys.argv[1]))

@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.backend import interpreting
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, float_tensors
+from deepseek_mini.kernels.launch import LOG2E, autotune, config
 
 OP = "flash_attention"
 
@@ -78,7 +80,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
             q2 = q2.to(tl.float32)
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
-    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e); exp2 is the fast path
+    qk_scale = scale * LOG2E  # exp(x) = exp2(x * log2 e); exp2 is the fast path
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,7 +136,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     o_rows = o_ptr + (pid_bh.to(tl.int64) * S + offs_m[:, None]) * DV
     tl.store(o_rows + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV))
-    lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634  # natural-log log-sum-exp
+    lse = (m_i + tl.log2(l_safe)) / LOG2E  # natural-log log-sum-exp
     tl.store(lse_ptr + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
 
@@ -181,7 +183,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     if BLOCK_D2 > 0:  # the head dim's tail: its own slice of k and of the dK accumulator
@@ -224,7 +226,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                 if UPCAST:
                     q2 = q2.to(tl.float32)
                 s_t += tl.dot(k2, tl.trans(q2))
-            p_t = tl.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
+            p_t = tl.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
             # as in the forward, only tiles that straddle an edge of the band (or of the
             # sequences) pay for the mask
             straddles = (start_m + BLOCK_M > S) | (first_k + BLOCK_N > T)
@@ -281,7 +283,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         do = do.to(tl.float32)
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_D2 > 0:  # the head dim's tail: its own slice of q and of the dQ accumulator
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
@@ -316,7 +318,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
             if UPCAST:
                 k2 = k2.to(tl.float32)
             s += tl.dot(q2, tl.trans(k2))
-        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+        p = tl.exp2(s * qk_scale - lse[:, None] * LOG2E)
         straddles = start_n + BLOCK_N > T
         if CAUSAL:
             straddles = straddles | (start_n + BLOCK_N - 1 > first_q)
@@ -340,10 +342,6 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 # ----------------------------------------------------------------------------------------------
 # launch configuration: one small config in the interpreter, a few autotuned ones on a GPU
 # ----------------------------------------------------------------------------------------------
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
 
 def head_blocks(d, dv):
     """Tile widths for head dims d (queries/keys) and dv (values): BLOCK_D, BLOCK_D2, BLOCK_DV.
@@ -373,7 +371,7 @@ def _gpu_configs(blocks, kind):
     for bm, bn, warps, stages in shapes:
         if block_d >= 256 and bm * bn > 64 * 64:
             continue  # too many registers/shared memory for wide heads
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+        configs.append(config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages))
     return configs
 
 
@@ -381,12 +379,12 @@ _TUNED = {}
 
 
 def _launcher(kernel, kind, blocks):
-    """The kernel wrapped in triton.autotune for these head sizes (cached), used on CUDA only."""
+    """The kernel autotuned over the candidates for these head sizes (cached; in the interpreter
+    the one small config below)."""
     key = (id(kernel), tuple(sorted(blocks.items())))
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=_gpu_configs(blocks, kind),
-                                      key=["size_bucket", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "CAUSAL",
-                                           "HAS_WINDOW"])(kernel)
+        _TUNED[key] = autotune(_gpu_configs(blocks, kind), _INTERPRETER_BLOCKS,
+                               key=["size_bucket", "BLOCK_D", "BLOCK_D2", "BLOCK_DV", "CAUSAL", "HAS_WINDOW"])(kernel)
     return _TUNED[key]
 
 
@@ -399,13 +397,8 @@ def _size_bucket(S, T):
     return 64 * (S - 1).bit_length() + (T - 1).bit_length()
 
 
-def _launch(kernel, kind, grid_len, grid_heads, ref, blocks, *args, **constexprs):
-    if _interpreting(ref):
-        grid = (grid_len(_INTERPRETER_BLOCKS) * grid_heads,)
-        kernel[grid](*args, **constexprs, **_INTERPRETER_BLOCKS)
-    else:
-        tuned = _launcher(kernel, kind, blocks)
-        tuned[lambda meta: (grid_len(meta) * grid_heads,)](*args, **constexprs)
+def _launch(kernel, kind, grid_len, grid_heads, blocks, *args, **constexprs):
+    _launcher(kernel, kind, blocks)[lambda meta: (grid_len(meta) * grid_heads,)](*args, **constexprs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +433,7 @@ def _common(q, k, v, causal, window, scale):
     Hkv, T, DV = k.shape[1], k.shape[2], v.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     flags = dict(CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-                 UPCAST=_interpreting(q) and q.dtype == torch.bfloat16, **head_blocks(D, DV))
+                 UPCAST=interpreting() and q.dtype == torch.bfloat16, **head_blocks(D, DV))
     return B, Hq, Hkv, S, T, D, DV, scale, flags
 
 
@@ -453,7 +446,7 @@ def flash_attention_forward(q, k, v, causal=True, window=None, scale=None):
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _launch(_attn_fwd_kernel, "fwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, head_blocks(D, DV),
+    _launch(_attn_fwd_kernel, "fwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, head_blocks(D, DV),
             q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     return out, lse
@@ -473,15 +466,15 @@ def flash_attention_backward(do, q, k, v, out, lse, causal=True, window=None, sc
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-    block_m_delta = 16 if _interpreting(q) else 64
+    block_m_delta = 16 if interpreting() else 64
     _attn_bwd_delta_kernel[(triton.cdiv(S, block_m_delta) * B * Hq,)](
         out, do, delta, do.stride(0), do.stride(1), do.stride(2), Hq, S, DV,
         BLOCK_M=block_m_delta, BLOCK_DV=flags["BLOCK_DV"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _launch(_attn_bwd_dkdv_kernel, "bwd", lambda meta: triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, q, head_blocks(D, DV),
+    _launch(_attn_bwd_dkdv_kernel, "bwd", lambda meta: triton.cdiv(T, meta["BLOCK_N"]), B * Hkv, head_blocks(D, DV),
             q, k, v, do, lse, delta, dk, dv, *strides, Hq, Hkv, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
-    _launch(_attn_bwd_dq_kernel, "bwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, q, head_blocks(D, DV),
+    _launch(_attn_bwd_dq_kernel, "bwd", lambda meta: triton.cdiv(S, meta["BLOCK_M"]), B * Hq, head_blocks(D, DV),
             q, k, v, do, lse, delta, dq, *strides, Hq, Hq // Hkv, S, T, D, DV, scale, window or 0, bucket, **flags)
     return dq, dk, dv
 
@@ -501,6 +494,12 @@ class FlashAttentionFunction(torch.autograd.Function):
             do = do.contiguous()
         dq, dk, dv = flash_attention_backward(do.to(q.dtype), q, k, v, out, lse, ctx.causal, ctx.window, ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Can the kernel run these (checked) inputs? fp16/bf16/fp32 with head dims up to 256 (wider
+    tiles do not fit in registers and shared memory)."""
+    return float_tensors(q, k, v) and max(q.shape[-1], v.shape[-1]) <= 256
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, float_tensors
 from deepseek_mini.backend import interpreting
 
 OP = "fused_lora"
@@ -114,6 +114,12 @@ class FusedLoRAFunction(torch.autograd.Function):
         d_w = dy.t() @ x if need_w else None
         d_bias = dy.sum(0) if ctx.has_bias and need_b else None
         return dx, d_w, d_bias, d_a, d_b, None
+
+
+def supports(x, weight, bias, lora_A, lora_B) -> bool:
+    """Can the kernel run these (checked) inputs? fp16/bf16/fp32 activations outside autocast (the
+    kernel wants one dtype throughout; under autocast the reference lets torch cast)."""
+    return float_tensors(x) and not torch.is_autocast_enabled(x.device.type)
 
 
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling):

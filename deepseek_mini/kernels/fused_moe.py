@@ -33,30 +33,19 @@ import triton
 import triton.language as tl
 
 from deepseek_mini.backend import interpreting
-from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, float_tensors
+from deepseek_mini.kernels.launch import autotune, config
 from deepseek_mini.kernels.swiglu import swiglu_backward, swiglu_forward
 
 OP = "fused_moe"
 
 
-def autotune_configs(gpu, interpreter):
-    """Autotuning candidates [(meta, num_warps, num_stages)] on a GPU; only the `interpreter`
-    meta in the interpreter, which cannot time kernels (a single-config autotuner launches
-    without benchmarking). Shared by the fused MoE and quantized matmul kernels."""
-    if interpreting():
-        return [triton.Config(interpreter, num_warps=4, num_stages=1)]
-    return [triton.Config(meta, num_warps=w, num_stages=st) for meta, w, st in gpu]
-
-
 # BLOCK_M is not tuned: it is the padding unit of moe_align, chosen from the rows per expert
-_GEMM_CONFIGS = autotune_configs([({"BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
-                                  [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-                                   (128, 128, 8, 3), (256, 64, 8, 3)]],
-                                 {"BLOCK_N": 32, "BLOCK_K": 32})
-_WGRAD_CONFIGS = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, w, st) for bm, bn, br, w, st in
-                                   [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                                    (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]],
-                                  {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 16})
+_GEMM_CONFIGS = [config({"BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bn, bk, w, st in
+                 [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]]
+_WGRAD_CONFIGS = [config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, w, st) for bm, bn, br, w, st in
+                  [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                   (128, 128, 64, 8, 3)]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +91,7 @@ def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int):
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "BLOCK_M", "A_ROW_DIV", "HAS_SCALE", "SWIGLU", "SAVE"])
+@autotune(_GEMM_CONFIGS, {"BLOCK_N": 32, "BLOCK_K": 32}, key=["N", "K", "BLOCK_M", "A_ROW_DIV", "HAS_SCALE", "SWIGLU", "SAVE"])
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, h_ptr, scale_ptr, sorted_ids_ptr, block_expert_ptr,
@@ -164,7 +153,7 @@ def _grouped_gemm_kernel(
         tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "X_ROW_DIV", "Y_ROW_DIV", "HAS_SCALE"])
+@autotune(_WGRAD_CONFIGS, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_R": 16}, key=["M", "N", "X_ROW_DIV", "Y_ROW_DIV", "HAS_SCALE"])
 @triton.jit
 def _grouped_weight_grad_kernel(
     x_ptr, y_ptr, out_ptr, scale_ptr, sorted_ids_ptr, expert_offsets_ptr,
@@ -370,6 +359,12 @@ class FusedMoEFunction(torch.autograd.Function):
         if need_up:
             d_up_proj = grouped_weight_grad(d_up, x, align, num_experts, y_row_div=top_k)
         return dx, None, d_weight if need_w else None, d_gate_proj, d_up_proj, d_down_proj
+
+
+def supports(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj) -> bool:
+    """Can the kernel run these (checked) inputs? fp16/bf16/fp32 activations (weights of another
+    float dtype are refused by fused_moe with a clear error)."""
+    return float_tensors(x)
 
 
 def fused_moe(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj):

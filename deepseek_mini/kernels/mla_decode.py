@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, sm_count
+from deepseek_mini.backend import interpreting
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, float_tensors
+from deepseek_mini.kernels.launch import LOG2E, sm_count
 
 OP = "mla_decode"
 
@@ -56,7 +58,7 @@ def _mla_decode_split_kernel(q_ptr, qr_ptr, kv_ptr, kr_ptr, lens_ptr, o_part_ptr
         length = tl.load(lens_ptr + b).to(tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -83,7 +85,7 @@ def _mla_decode_split_kernel(q_ptr, qr_ptr, kv_ptr, kr_ptr, lens_ptr, o_part_ptr
     # a split past the end of a short sequence saw nothing: lse = -inf, output 0
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / LOG2E)
     row = (b * n_splits + split) * H + heads  # o_part [B, n_splits, H, C], lse_part [B, n_splits, H]
     tl.store(o_part_ptr + row[:, None] * C + offs_c[None, :], acc / l_safe[:, None],
              mask=head_ok[:, None] & (offs_c[None, :] < C))
@@ -129,6 +131,12 @@ def launch_config(H, interpreting):
     return (16 if H <= 16 else 32), 32, 8
 
 
+def supports(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> bool:
+    """Can the kernel run this decode step? fp16/bf16/fp32 inputs (one query position each; the
+    kernel has no backward, so the caller uses it only without gradients)."""
+    return float_tensors(q_latent, q_rope, kv_latent, k_rope)
+
+
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                *, scale: float, cache_seqlens: torch.Tensor | None = None,
                num_splits: int | None = None) -> torch.Tensor:
@@ -165,8 +173,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Te
         if lo < 1 or hi > T:
             raise ValueError(f"{OP}: cache_seqlens must lie in [1, {T}] (the cache length), got min {lo}, max {hi}")
 
-    interpreting = device.type == "cpu"
-    block_h, block_n, num_warps = launch_config(H, interpreting)
+    block_h, block_n, num_warps = launch_config(H, interpreting())
     head_blocks = triton.cdiv(H, block_h)
     n_splits = num_splits or _default_splits(B, head_blocks, T, sm_count(device))
     if n_splits < 1:
@@ -183,7 +190,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Te
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_latent.stride(0), kv_latent.stride(1), k_rope.stride(0), k_rope.stride(1),
         H, T, C, R, chunk, n_splits, float(scale),
-        HAS_LENS=cache_seqlens is not None, UPCAST=interpreting and q_latent.dtype == torch.bfloat16,
+        HAS_LENS=cache_seqlens is not None, UPCAST=interpreting() and q_latent.dtype == torch.bfloat16,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(R)),
         num_warps=num_warps, num_stages=2)
     _mla_decode_combine_kernel[(H, B)](o_part, lse_part, out, H, C, n_splits,

@@ -36,22 +36,20 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_tensor, sm_count
 from deepseek_mini.backend import interpreting
-from deepseek_mini.kernels.fused_moe import autotune_configs
+from deepseek_mini.kernels._checks import check_same_device, check_tensor, float_tensors
+from deepseek_mini.kernels.launch import autotune, config, grid_2d, sm_count
+from deepseek_mini.quant_formats import (FP8_DTYPE, dequantize_fp8_block, dequantize_int4, dequantize_int8,
+                                         quantize_fp8_activation)
 
 OP = "quant_matmul"
-FP8_DTYPE = torch.float8_e4m3fn
-
 
 # Batches above GEMV_MAX_M rows get ordinary autotuned GEMM tiles.
-_LARGE_M = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
-                            [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
-                           {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
-_FP8_GEMM = autotune_configs([({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in
-                             [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
-                              (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
-                            {"BLOCK_M": 16, "BLOCK_N": 32})
+_LARGE_M = [config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, st) for bm, bn, bk, w, st in
+            [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]]
+_FP8_GEMM = [config({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in
+             [(16, 64, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3),
+              (128, 64, 4, 4), (64, 64, 4, 4)]]
 GEMV_MAX_M = 16  # up to this many rows: the split-K GEMV (the weight read is the whole cost)
 _WEIGHT_ONLY_KEY = ["M_BUCKET", "N", "K", "GROUP_N", "GROUP_K", "INT4", "HAS_ZP"]
 
@@ -109,7 +107,8 @@ def _weight_only_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_weight_only_large_m = triton.autotune(configs=_LARGE_M, key=_WEIGHT_ONLY_KEY)(_weight_only_matmul_kernel)
+_weight_only_large_m = autotune(_LARGE_M, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32},
+                                key=_WEIGHT_ONLY_KEY)(_weight_only_matmul_kernel)
 
 
 @triton.jit
@@ -206,7 +205,7 @@ def _weight_only_gemv_kernel(
              acc.to(part_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_FP8_GEMM, key=["M_BUCKET", "N", "K", "BLOCK_K"])
+@autotune(_FP8_GEMM, {"BLOCK_M": 16, "BLOCK_N": 32}, key=["M_BUCKET", "N", "K", "BLOCK_K"])
 @triton.jit
 def _fp8_block_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K, M_BUCKET,
@@ -290,10 +289,7 @@ def _weight_only(x, w, scale, zero_point, bias, *, group_n, group_k, int4, k):
         return out.reshape(*lead, n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-
-        _weight_only_large_m[grid](
+        _weight_only_large_m[grid_2d(m, n)](
             x2, w, scale, zp, b, out, m, n, k, triton.next_power_of_2(m),
             x2.stride(0), x2.stride(1), w.stride(0), w.stride(1),
             stride_sn, stride_sk, out.stride(0), out.stride(1), **common)
@@ -361,7 +357,6 @@ def int8_matmul(x, q, scale, zero_point=None, bias=None):
     if zero_point is not None and zero_point.shape != scale.shape:
         raise ValueError(f"{op}: zero_point must have the shape of scale {tuple(scale.shape)}, got {tuple(zero_point.shape)}")
     check_same_device(op, x=x, q=q, scale=scale, zero_point=zero_point, bias=bias)
-    from deepseek_mini.quant import dequantize_int8
 
     def launch(x_, b_):
         return _weight_only(x_, q, scale, zero_point, b_, group_n=1, group_k=None, int4=False, k=k)
@@ -383,7 +378,6 @@ def int4_matmul(x, packed, scales, group_size=128, bias=None):
         raise ValueError(f"{op}: group_size must be a positive integer dividing K={k}, got {group_size!r}")
     check_tensor(op, "scales", scales, shape=(n, k // group_size), dtypes=None, contiguous=False)
     check_same_device(op, x=x, packed=packed, scales=scales, bias=bias)
-    from deepseek_mini.quant import dequantize_int4
 
     def launch(x_, b_):
         return _weight_only(x_, packed, scales, None, b_, group_n=1, group_k=group_size, int4=True, k=k)
@@ -405,7 +399,6 @@ def fp8_weight_matmul(x, w_fp8, scale_inv, block_size=128, bias=None):
     check_tensor(op, "scale_inv", scale_inv, shape=(triton.cdiv(n, block_size), triton.cdiv(k, block_size)),
                  dtypes=(torch.float32,), contiguous=False)
     check_same_device(op, x=x, w_fp8=w_fp8, scale_inv=scale_inv, bias=bias)
-    from deepseek_mini.quant import dequantize_fp8_block
 
     def launch(x_, b_):
         return _weight_only(x_, w_fp8, scale_inv, None, b_, group_n=block_size, group_k=block_size, int4=False, k=k)
@@ -440,10 +433,7 @@ def fp8_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block_size=128, out_dtype
     check_same_device(op, x_fp8=x_fp8, x_scale=x_scale, w_fp8=w_fp8, w_scale_inv=w_scale_inv)
     out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
     if m:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-
-        _fp8_block_gemm_kernel[grid](
+        _fp8_block_gemm_kernel[grid_2d(m, n)](
             x_fp8, x_scale, w_fp8, w_scale_inv, out, m, n, k, triton.next_power_of_2(m),
             x_fp8.stride(0), x_fp8.stride(1), w_fp8.stride(0), w_fp8.stride(1), out.stride(0), out.stride(1),
             x_scale.stride(0), x_scale.stride(1), w_scale_inv.stride(0), w_scale_inv.stride(1),
@@ -454,7 +444,6 @@ def fp8_block_gemm(x_fp8, x_scale, w_fp8, w_scale_inv, block_size=128, out_dtype
 def fp8_block_linear(x, w_fp8, w_scale_inv, block_size=128, bias=None):
     """x [..., K] float -> FP8 activations in 1 x block_size tiles (`quant.quantize_fp8_activation`),
     then `fp8_block_gemm` against the FP8 weight; result in x's dtype (+ bias)."""
-    from deepseek_mini.quant import quantize_fp8_activation
 
     check_tensor("fp8_block_linear", "x", x)
     x_fp8, x_scale = quantize_fp8_activation(x.reshape(-1, x.shape[-1]), block_size)
@@ -462,3 +451,25 @@ def fp8_block_linear(x, w_fp8, w_scale_inv, block_size=128, bias=None):
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], w_fp8.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# What ops.quant_linear calls
+# ---------------------------------------------------------------------------------------------
+
+def supports(x: torch.Tensor, *, fp8_activations: bool = False, wants_grad: bool = False) -> bool:
+    """Can a kernel run a QuantLinear on this (checked) input? fp16/bf16/fp32 activations; with
+    FP8 activations only without gradients (the FP8 x FP8 GEMM has no backward)."""
+    return float_tensors(x) and not (fp8_activations and wants_grad)
+
+
+def quant_linear(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What a QuantLinear `layer` computes, by the kernel of its scheme. `layer` is read for its
+    buffers (weight, scales) and settings only."""
+    if layer.fp8_activations:
+        return fp8_block_linear(x, layer.weight, layer.weight_scale_inv, layer.block_size, bias)
+    if layer.scheme == "int4":
+        return int4_matmul(x, layer.weight, layer.weight_scale, layer.group_size, bias)
+    if layer.scheme == "fp8":
+        return fp8_weight_matmul(x, layer.weight, layer.weight_scale_inv, layer.block_size, bias)
+    return int8_matmul(x, layer.weight, layer.weight_scale, getattr(layer, "weight_zero_point", None), bias)

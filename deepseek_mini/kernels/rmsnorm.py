@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_tensor, sm_count
+from deepseek_mini.kernels._checks import check_same_device, check_tensor, float_tensors
+from deepseek_mini.kernels.launch import sm_count
 
 OP = "rmsnorm"
 
@@ -147,6 +148,11 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = rmsnorm_backward(dy.to(x.dtype).contiguous(), x, weight, rstd)
         return dx, dw, None
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Can the kernel run these (checked) inputs? fp16/bf16/fp32 ones."""
+    return float_tensors(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_tensor, float_tensors
 
 OP = "rope"
 
@@ -100,6 +100,11 @@ class RoPEFunction(torch.autograd.Function):
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         return rope_rotate(grad_out, cos, sin, ctx.interleaved, inverse=True), None, None, None
+
+
+def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Can the kernel run these (checked) inputs? fp16/bf16/fp32 ones."""
+    return float_tensors(x, cos, sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

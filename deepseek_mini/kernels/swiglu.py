@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor
+from deepseek_mini.kernels._checks import check_same_device, check_same_dtype, check_tensor, float_tensors
 
 OP = "swiglu"
 BLOCK = 1024
@@ -80,6 +80,11 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         return swiglu_backward(dy.to(gate.dtype).contiguous(), gate, up)
+
+
+def supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Can the kernel run these (checked) inputs? fp16/bf16/fp32, both of one dtype."""
+    return float_tensors(gate, up) and gate.dtype == up.dtype
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
