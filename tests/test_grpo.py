@@ -195,3 +195,12 @@ def test_trainer_uses_the_pieces_it_is_given(setup):
         assert rewards.shape == (3, 4) and abs(rewards.mean().item() - record["reward"]) < 1e-6
         assert record["zero_variance_groups"] == (rewards.std(dim=1) == 0).float().mean().item()
         assert record["kl"] == 0.0 and record["clip_fraction"] == 0.0, "measured by the trainer: policy == reference"
+
+
+@pytest.mark.parametrize("kinds", ["sum", "larger,sum", ""])
+def test_recipe_rejects_unknown_rl_kinds(kinds, capsys):
+    from deepseek_mini.grpo import main
+
+    with pytest.raises(SystemExit):  # argparse's error, before any model is built
+        main(["--rl-kinds", kinds])
+    assert "--rl-kinds" in capsys.readouterr().err
