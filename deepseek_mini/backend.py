@@ -110,8 +110,12 @@ def describe() -> str:
     return "PyTorch reference ops on CPU (no CUDA device; Triton kernels run only on a GPU)"
 
 
-def time_it(fn, *, repeats: int = 10, warmup: int = 1) -> float:
+def time_it(fn, *, repeats: int = 10, warmup: int = 1, best: bool = False, cpu_clock: bool = False) -> float:
     """Seconds per call of fn(), the mean of `repeats` calls after `warmup` untimed ones.
+
+    best=True: the fastest single call instead of the mean (a busy machine only ever adds time).
+    cpu_clock=True: this process's CPU time instead of the wall clock, on a CPU run: time the
+    machine spent on other programs is then not counted (with one thread, the work's duration).
     Waits for the GPU before reading the clock (CUDA runs asynchronously), so what is measured
     is the work, not the launch."""
     if repeats < 1 or warmup < 0:
@@ -122,11 +126,20 @@ def time_it(fn, *, repeats: int = 10, warmup: int = 1) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    clock = time.process_time if cpu_clock and not torch.cuda.is_available() else time.perf_counter
     for _ in range(warmup):
         fn()
     sync()
-    start = time.perf_counter()
+    if best:
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            fn()
+            sync()
+            times.append(clock() - start)
+        return min(times)
+    start = clock()
     for _ in range(repeats):
         fn()
     sync()
-    return (time.perf_counter() - start) / repeats
+    return (clock() - start) / repeats

@@ -6,6 +6,8 @@ reference again when it does not (float64, weights asked for). Bad input fails o
 with a message naming the problem.
 """
 
+import time
+
 import pytest
 import torch
 
@@ -174,5 +176,9 @@ def test_time_it_measures_and_refuses_bad_arguments():
     calls = []
     seconds = backend.time_it(lambda: calls.append(1), repeats=3, warmup=2)
     assert len(calls) == 5 and 0 <= seconds < 1
+    sleeps = iter([0.05, 0.0, 0.02])  # wall clock: the fastest call; the CPU clock does not count sleeping
+    assert 0.0 <= backend.time_it(lambda: time.sleep(next(sleeps)), repeats=3, warmup=0, best=True) < 0.015
+    assert backend.time_it(lambda: time.sleep(0.05), repeats=2, warmup=0, cpu_clock=True) < 0.03
+    assert backend.time_it(lambda: time.sleep(0.05), repeats=2, warmup=0) >= 0.05
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         backend.time_it(lambda: None, repeats=0)
