@@ -20,7 +20,6 @@ Read top to bottom:
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from deepseek_mini import ops
 from deepseek_mini.layers import RMSNorm
@@ -125,7 +124,7 @@ class AttentionByHand(torch.autograd.Function):
         dV = P^T dO      dP = dO V^T      dS = P * (dP - rowsum(dP * P))
         dQ = scale * dS K                 dK = scale * dS^T Q
     Inputs as `attention_reference` after its GQA expansion: q [B, H, S, D], k [B, H, T, D],
-    v [B, H, T, Dv], of one floating dtype; `bias` [S, T] is 0 where allowed and -inf where
+    v [B, H, T, Dv], all float32 or float64; `bias` [S, T] is 0 where allowed and -inf where
     masked (or None)."""
 
     @staticmethod
@@ -141,7 +140,6 @@ class AttentionByHand(torch.autograd.Function):
         return torch.bmm(p, v3).view(B, H, S, Dv)
 
     @staticmethod
-    @once_differentiable  # a gradient of this gradient would need P's own graph: refuse, never guess
     def backward(ctx, d_out):
         q3, k3, v3, p = ctx.saved_tensors
         q_shape, k_shape, v_shape = ctx.shapes
@@ -154,10 +152,9 @@ class AttentionByHand(torch.autograd.Function):
 
 
 def attention_by_hand_supported(q: torch.Tensor) -> bool:
-    """float32 outside autocast. Under autocast (and for bf16/fp16 tensors) the reference keeps
-    the softmax in float32 itself, which the function above does not copy; float64 is for
-    gradchecks, which get the reference's autograd (twice differentiable)."""
-    return q.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type)
+    """float32/float64 outside autocast: under autocast (and for bf16/fp16 tensors) the reference
+    keeps the softmax in float32 itself, which the function above does not copy."""
+    return q.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type)
 
 
 def attention_by_hand(q, k, v, *, causal: bool = True, window: int | None = None, scale: float):

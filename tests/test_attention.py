@@ -78,9 +78,6 @@ def test_hand_written_backward_gives_the_reference_autograd_gradients(causal, wi
         results.append((out, *torch.autograd.grad(out, (q, k, v), d_out)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    args = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    assert torch.autograd.gradcheck(
-        lambda q, k, v: attention.attention_by_hand(q, k, v, causal=causal, window=window, scale=0.3), args)
 
 
 def test_cpu_attention_runs_by_hand_only_where_it_computes_like_the_reference(monkeypatch):
@@ -94,13 +91,7 @@ def test_cpu_attention_runs_by_hand_only_where_it_computes_like_the_reference(mo
     scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16())  # softmax in float32: the reference
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scaled_dot_product_attention(q, q, q)
-    q64 = q.double().requires_grad_()  # float64 (gradchecks): the reference, differentiable twice
-    assert torch.autograd.gradgradcheck(lambda q: scaled_dot_product_attention(q, q, q, window=3), (q64,))
     assert calls == [1]
-    q.requires_grad_()
-    (grad,) = torch.autograd.grad(scaled_dot_product_attention(q, q, q).square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):  # by hand: a second derivative fails loudly
-        grad.sum().backward()
 
 
 @pytest.mark.parametrize("n_kv_heads,window", [(4, None), (2, None), (1, 3)])
