@@ -58,8 +58,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     `scale` defaults to 1/sqrt(D). Returns out [B, Hq, S, Dv] (and the weights [B, Hq, S, T] if
     `return_weights`). The softmax runs in (at least) float32.
 
-    Runs through ops.attention: flash attention on CUDA; on CPU `attention_reference` below, or
-    the same math with a hand-written backward (`AttentionByHand`) when that applies.
+    Runs through ops.attention: flash attention on CUDA, `attention_reference` below on CPU.
     """
     return ops.attention(q, k, v, causal=causal, window=window, scale=scale, return_weights=return_weights)
 
@@ -112,61 +111,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     out = weights @ v
     return (out, weights) if return_weights else out
-
-
-class AttentionByHand(torch.autograd.Function):
-    """The reference's math with a hand-written backward: what a CPU trains with (ops.attention).
-
-    Autograd on the reference keeps scores and weights, and runs a mask, a scale and a copy over
-    the [S, T] scores in each direction. By hand, the mask and scale go into the one matmul that
-    makes the scores (`baddbmm`), only the weights P are kept, and the backward is the one flash
-    attention computes block by block (dO = grad of the output):
-        dV = P^T dO      dP = dO V^T      dS = P * (dP - rowsum(dP * P))
-        dQ = scale * dS K                 dK = scale * dS^T Q
-    Inputs as `attention_reference` after its GQA expansion: q [B, H, S, D], k [B, H, T, D],
-    v [B, H, T, Dv], all float32 or float64; `bias` [S, T] is 0 where allowed and -inf where
-    masked (or None)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
-        B, H, S, D = q.shape
-        T, Dv = k.shape[2], v.shape[3]
-        q3, k3, v3 = q.reshape(B * H, S, D), k.reshape(B * H, T, D), v.reshape(B * H, T, Dv)
-        scores = torch.bmm(q3, k3.transpose(1, 2)) * scale if bias is None else \
-            torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
-        p = scores.softmax(dim=-1)
-        ctx.save_for_backward(q3, k3, v3, p)
-        ctx.scale, ctx.shapes = scale, (q.shape, k.shape, v.shape)
-        return torch.bmm(p, v3).view(B, H, S, Dv)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q3, k3, v3, p = ctx.saved_tensors
-        q_shape, k_shape, v_shape = ctx.shapes
-        d_out = d_out.reshape(p.shape[0], p.shape[1], v3.shape[2])
-        d_v = torch.bmm(p.transpose(1, 2), d_out)
-        d_p = torch.bmm(d_out, v3.transpose(1, 2))
-        d_s = torch._softmax_backward_data(d_p, p, -1, p.dtype).mul_(ctx.scale)  # P * (dP - rowsum(dP * P))
-        d_q, d_k = torch.bmm(d_s, k3), torch.bmm(d_s.transpose(1, 2), q3)
-        return d_q.view(q_shape), d_k.view(k_shape), d_v.view(v_shape), None, None
-
-
-def attention_by_hand_supported(q: torch.Tensor) -> bool:
-    """float32/float64 outside autocast: under autocast (and for bf16/fp16 tensors) the reference
-    keeps the softmax in float32 itself, which the function above does not copy."""
-    return q.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type)
-
-
-def attention_by_hand(q, k, v, *, causal: bool = True, window: int | None = None, scale: float):
-    """`attention_reference`'s output through `AttentionByHand` (inputs checked, scale given)."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    if Hkv != Hq:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device)
-    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-        ~mask, float("-inf"))
-    return AttentionByHand.apply(q, k, v, bias, scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,10 +248,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"causal_lm_loss: logits must be [batch, seq, vocab] and labels [batch, seq]; "
                          f"got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}")
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    # shift the labels, not the logits: logits[:, :-1] would copy the biggest tensor of the step
-    # (and its gradient), where the last position is simply given nothing to predict
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:]
     # a value check: on the CPU only, where it costs no wait for a GPU (there, the loss is NaN)
     if targets.device.type == "cpu" and not (targets != ignore_index).any():
         raise ValueError("causal_lm_loss: every label is ignore_index; nothing to learn from this batch")

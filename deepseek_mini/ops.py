@@ -7,9 +7,7 @@ Layers call these unconditionally. Each op does the same three steps:
   2. if `backend.use_triton(...)` (CUDA tensors, or forced; see backend.py) and the kernel's
      own `supports(...)` (next to the kernel, in deepseek_mini/kernels/) accepts the inputs,
      run the kernel;
-  3. otherwise run the pure-PyTorch reference (`*_reference`, or the references of moe.py);
-     attention and the routed experts have two CPU references with the same math, and the
-     op picks the faster one (`benchmarks/train_throughput.py` measures the whole model).
+  3. otherwise run the pure-PyTorch reference (`*_reference`, or the references of moe.py).
 
 Kernel modules import triton, which is missing on some platforms, so they are imported only
 once step 2 has chosen them. They are looked up as module attributes at call time, which lets
@@ -62,8 +60,6 @@ def attention(q, k, v, *, causal=True, window=None, scale=None, return_weights=F
         from deepseek_mini.kernels import flash_attention
         if flash_attention.supports(q, k, v):
             return flash_attention.flash_attention(q, k, v, causal=causal, window=window, scale=scale)
-    if not return_weights and attention_math.attention_by_hand_supported(q):
-        return attention_math.attention_by_hand(q, k, v, causal=causal, window=window, scale=scale)
     return attention_math.attention_reference(q, k, v, causal=causal, window=window, scale=scale,
                                               return_weights=return_weights)
 
@@ -89,9 +85,9 @@ def latent_attention(q_latent, q_rope, kv_latent, k_rope, *, scale: float, retur
 def routed_experts(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj) -> torch.Tensor:
     """sum_k topk_weight[n, k] * expert_{topk_idx[n, k]}(x[n]); the contract of moe.routed_experts.
     Off the kernel, the faster of two references. Measured on one CPU thread
-    (benchmarks/bench_moe_cpu.py, 2026-12-05): the grouped one is 1.3-1.8x faster than the
-    per-expert loop with gradients, and 1.4-1.8x at <= 64 rows per expert without, but
-    0.8-0.9x on bigger batches without gradients, where the loop's per-expert matmuls are large."""
+    (benchmarks/bench_moe_cpu.py): the grouped one (one grouped matmul per projection) is 1.5-2x
+    faster than the per-expert loop with gradients and at <= 64 rows per expert, but 0.75x on
+    big batches without gradients, where the loop's per-expert matmuls are large."""
     moe.check_routed_experts(x, topk_idx, topk_weight, gate_proj, up_proj, down_proj)
     weights = (gate_proj, up_proj, down_proj)
     if backend.use_triton(x, *weights):

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from deepseek_mini.viz import AttentionWeights
 
-from deepseek_mini import attention
 from deepseek_mini.attention import (KVCache, MultiHeadAttention, attention_mask, kv_cache_bytes_per_token,
                                      scaled_dot_product_attention)
 from deepseek_mini.rope import precompute_rope
@@ -63,35 +62,6 @@ def test_gradcheck_float64():
     k = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: scaled_dot_product_attention(q, k, v, window=2), (q, k, v))
-
-
-@pytest.mark.parametrize("causal,window,hkv,S", [(True, None, 4, 7), (True, 3, 2, 7), (True, None, 1, 3),
-                                                (False, None, 4, 7)])
-def test_hand_written_backward_gives_the_reference_autograd_gradients(causal, window, hkv, S):
-    T = 7  # S < T: the queries are the last S positions, as after a KV cache
-    q = torch.randn(2, 4, S, 8, requires_grad=True)
-    k, v = torch.randn(2, hkv, T, 8, requires_grad=True), torch.randn(2, hkv, T, 6, requires_grad=True)
-    d_out = torch.randn(2, 4, S, 6)
-    results = []
-    for fn in (attention.attention_by_hand, attention.attention_reference):
-        out = fn(q, k, v, causal=causal, window=window, scale=0.3)
-        results.append((out, *torch.autograd.grad(out, (q, k, v), d_out)))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_attention_runs_by_hand_only_where_it_computes_like_the_reference(monkeypatch):
-    calls = []
-    real = attention.AttentionByHand.apply
-    monkeypatch.setattr(attention.AttentionByHand, "apply", lambda *a: calls.append(1) or real(*a))
-    q = torch.randn(1, 2, 5, 8)
-    scaled_dot_product_attention(q, q, q)
-    assert calls == [1]
-    scaled_dot_product_attention(q, q, q, return_weights=True)  # the weights: only the reference forms them
-    scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16())  # softmax in float32: the reference
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        scaled_dot_product_attention(q, q, q)
-    assert calls == [1]
 
 
 @pytest.mark.parametrize("n_kv_heads,window", [(4, None), (2, None), (1, 3)])
