@@ -246,8 +246,8 @@ class GRPOTrainer:
 def main(argv=None):
     """Assignment 15's recipe without Jupyter: SFT on 4,000 demonstrations in the first wording,
     then GRPO on other prompts in the second wording (`tasks.reword`), which SFT never saw, of the
-    kinds in --rl-kinds only (by default larger: on add, reverse and count nearly every group of
-    the SFT model is all wrong, so GRPO steps on them would carry (almost) no signal)."""
+    kinds in --rl-kinds only (by default larger and count: on add and reverse nearly every group
+    of the SFT model is all wrong, so GRPO steps on them would carry no signal)."""
     import argparse
 
     from .chat import add_token_embeddings, chat_examples, chat_tokenizer, evaluate_chat
@@ -262,7 +262,7 @@ def main(argv=None):
     parser.add_argument("--grpo-steps", type=int, default=GRPOConfig.steps)
     parser.add_argument("--grpo-lr", type=float, default=4e-4)
     parser.add_argument("--kl-coef", type=float, default=GRPOConfig.kl_coef)
-    parser.add_argument("--rl-kinds", default="larger", help="comma-separated kinds GRPO trains on")
+    parser.add_argument("--rl-kinds", default="larger,count", help="comma-separated kinds GRPO trains on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     kinds = ("add", "larger", "reverse", "count")
