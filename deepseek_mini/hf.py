@@ -418,6 +418,8 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
+    if not config.n_shared_experts:  # transformers builds, and saves, 0-wide shared experts for n_shared_experts=0
+        state = {k: v for k, v in state.items() if not (".shared_experts." in k and v.numel() == 0)}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

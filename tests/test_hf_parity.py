@@ -31,6 +31,9 @@ V3_CASES = {
     "three_layers_16_experts_top4": dict(num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                                          topk_group=2, q_lora_rank=16, first_k_dense_replace=1, hidden_size=48,
                                          num_attention_heads=6, rope_parameters=YARN, routed_scaling_factor=2.5),
+    # transformers still builds (and saves) shared experts, 0 wide, when there are none
+    "no_shared_experts_dense0": dict(n_shared_experts=0, first_k_dense_replace=0, q_lora_rank=16, n_group=2,
+                                     topk_group=1, rope_interleave=False),
 }
 V2_CASES = {
     "greedy_no_q_lora_yarn_dense1": dict(q_lora_rank=None, topk_method="greedy", first_k_dense_replace=1,
