@@ -30,7 +30,7 @@ from deepseek_mini.train import TrainConfig, Trainer, causal_lm_loss
 # the recipe the notebooks use
 TASK = dict(op="reverse", n_digits=4, n_train=4000, n_test=200, seed=0)
 STEPS, BATCH = 300, 32
-LR = {"full": 2e-3, "lora": 5e-3, "qlora": 5e-3}
+LR = {"full": 2e-3, "lora": 3e-3, "qlora": 3e-3}
 LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NEW_TOKENS = TASK["n_digits"] + 2  # " ", the digits, "\n"
 
