@@ -359,6 +359,8 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: DeepseekConfig,
             continue  # multi-token-prediction layers not asked for: transformers skips them too
         if name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from the config
+        if not config.n_shared_experts and ".shared_experts." in name and t.numel() == 0:
+            continue  # transformers builds, and saves, 0-wide shared experts for n_shared_experts=0
         m = _EXPERT_KEY.match(name)
         if m:
             experts[(int(m.group(1)), m.group(3), int(m.group(2)))] = t
@@ -418,8 +420,6 @@ def load_pretrained(path, dtype: torch.dtype | str = torch.float32, device="cpu"
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
-    if not config.n_shared_experts:  # transformers builds, and saves, 0-wide shared experts for n_shared_experts=0
-        state = {k: v for k, v in state.items() if not (".shared_experts." in k and v.numel() == 0)}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
